@@ -1,0 +1,123 @@
+"""The `scan` command: a thin typer app that delegates to the packages."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="SCAN open-vocabulary semantic segmentation: PyTorch reference, export and runtime.",
+)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from runtime.images import ImageError
+    from runtime.vocab import VocabularyError
+    from scan_model.checkpoint import CheckpointError
+    from scan_model.official_config import ConfigError
+
+    return ImageError, VocabularyError, ConfigError, CheckpointError, FileExistsError, PermissionError
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code=2)
+
+
+def _run(job) -> None:
+    """Run `job()`, turning expected user errors into one line and exit status 2."""
+    try:
+        job()
+    except _user_errors() as exc:
+        _fail(str(exc))
+    except ValueError as exc:  # config/argument validation inside the model code
+        _fail(str(exc))
+
+
+@app.command()
+def segment(
+    images: List[Path] = typer.Argument(..., help="Image files (PNG, JPEG, ...)."),
+    vocab: str = typer.Option(..., help="Comma-separated names, a .txt/.json file, or a preset (ade150, ade847, pc59, pc459, voc20, coco171)."),
+    out: Path = typer.Option(..., help="Output folder."),
+    checkpoint: Optional[Path] = typer.Option(None, help="Our .safetensors checkpoint or an official SCAN.pth (with --config)."),
+    config: Optional[str] = typer.Option(None, help="Official YAML, our JSON, or a preset (tiny, vitb, vitl); a preset alone runs random weights."),
+    save_logits: bool = typer.Option(False, help="Also write <stem>.npz with sem_seg [K,H,W] and classes."),
+    no_resize: bool = typer.Option(False, "--no-resize", help="Feed images at their own size (padding to /32 still applies)."),
+    device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
+    mask_thr: Optional[float] = typer.Option(None, help="Override the mask threshold of the region classifier."),
+    ensemble_weight: Optional[float] = typer.Option(None, help="Override the CLIP ensemble weight."),
+    replace_ratio: Optional[float] = typer.Option(None, help="Override the contextual-shift ratio."),
+    shift_rule: Optional[str] = typer.Option(None, help="Contextual-shift selection: deterministic (default) or official (random)."),
+    log_ensemble: Optional[bool] = typer.Option(None, "--log-ensemble/--no-log-ensemble", help="Force the log ensemble branch on or off."),
+    benchmark_settings: bool = typer.Option(True, help="With a benchmark preset vocabulary, use the official per-benchmark settings."),
+    seed: int = typer.Option(0, help="Seed for random weights and the official shift rule."),
+) -> None:
+    """Segment images with the eager PyTorch model."""
+
+    options = dict(
+        images=images, vocab=vocab, out=out, checkpoint=checkpoint, config=config, save_logits=save_logits,
+        resize=not no_resize, device=device, mask_thr=mask_thr, ensemble_weight=ensemble_weight,
+        replace_ratio=replace_ratio, shift_rule=shift_rule, log_ensemble=log_ensemble,
+        benchmark_settings=benchmark_settings, seed=seed,
+    )
+
+    def job() -> None:
+        from scan_model.cli_jobs import SegmentOptions, run_segment
+
+        run_segment(SegmentOptions(**options))
+
+    _run(job)
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("demo_out"), help="Output folder."),
+    preset: str = typer.Option("tiny", help="Model preset (random weights, seeded)."),
+    seed: int = typer.Option(0, help="Seed of the weights and of the generated image."),
+) -> None:
+    """The embedded default: draw a scene, segment it with a preset's random weights, write the outputs."""
+
+    def job() -> None:
+        from scan_model.cli_jobs import run_demo
+
+        run_demo(out, preset, seed)
+
+    _run(job)
+
+
+@app.command()
+def convert(
+    checkpoint: Path = typer.Argument(..., help="Official SCAN.pth (detectron2 format)."),
+    config: str = typer.Option(..., help="Its official YAML, or a preset name."),
+    out: Path = typer.Option(..., help="Output path (.safetensors; a .json config is written beside it)."),
+) -> None:
+    """Convert an official checkpoint into ours (safetensors + JSON config)."""
+
+    def job() -> None:
+        from scan_model.cli_jobs import run_convert
+
+        run_convert(checkpoint, config, out)
+
+    _run(job)
+
+
+@app.command()
+def doctor() -> None:
+    """Report versions, available backends and devices, and why a backend is unavailable."""
+    from scan_model.environment import environment_report
+
+    for line in environment_report():
+        typer.echo(line)
+
+
+def main() -> None:  # pragma: no cover - console entry point alias
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,1 @@
+"""SCAN reference model in PyTorch (inference, checkpoints, presets)."""

@@ -1,0 +1,127 @@
+"""Eager segmentation of user images: load, resize, run `ScanModel`, resize back.
+
+`EagerSegmenter` mirrors the torch-free `runtime` API (`set_vocabulary`, `segment`) so the
+two backends are interchangeable behind the CLI.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from runtime.images import load_image, resize_shortest_edge
+from runtime.vocab import parse_vocabulary
+
+from .model import ScanModel
+
+# Classes resized to the original image size at once when painting the label map: bounds
+# memory for large vocabularies on large images.
+_CLASS_CHUNK = 64
+
+
+@dataclass
+class SegmentationResult:
+    label_map: np.ndarray  # (H, W) int64 class indices at the input image's size
+    classes: list[str]
+    sem_seg: np.ndarray | None = None  # (K, H, W) float32 scores, when asked for
+    timings: dict[str, float] = field(default_factory=dict)
+    model_input_size: tuple[int, int] = (0, 0)
+    num_regions: int = 0  # masks that passed the threshold and went through the region CLIP
+
+    @property
+    def present(self) -> list[int]:
+        """Class indices that occur in the label map, most pixels first."""
+        counts = np.bincount(self.label_map.ravel(), minlength=len(self.classes))
+        return [int(i) for i in np.argsort(-counts, kind="stable") if counts[i] > 0]
+
+
+class EagerSegmenter:
+    """Segment images with the PyTorch reference model.
+
+    Args:
+        model: a `ScanModel` in eval mode, on its device.
+        resize: apply the official test resize (shortest edge 640, long edge at most 2560);
+            False feeds the image at its own size (padding to /32 still applies).
+        seed: seeds the official (random) contextual-shift rule when the config selects it.
+    """
+
+    def __init__(self, model: ScanModel, resize: bool = True, seed: int = 0):
+        self.model = model
+        self.resize = resize
+        self.rng = random.Random(seed)
+        self._text_cache: dict[str, torch.Tensor] = {}
+        self.classes: list[str] = []
+        self._classifier: torch.Tensor | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def set_vocabulary(self, vocabulary) -> list[str]:
+        """Names, a preset or a file (see `runtime.vocab.parse_vocabulary`); encodes only new names."""
+        names = parse_vocabulary(vocabulary)
+        missing = [n for n in names if n not in self._text_cache]
+        if missing:
+            embeddings = self.model.encode_text(missing)
+            self._text_cache.update(zip(missing, embeddings))
+        class_embeddings = torch.stack([self._text_cache[n] for n in names])
+        self._classifier = self.model.text_classifier(class_embeddings)
+        self.classes = names
+        return names
+
+    @torch.no_grad()
+    def segment(self, image, return_scores: bool = False) -> SegmentationResult:
+        """One image (path, PIL image or HxWx3 uint8 array) -> `SegmentationResult`."""
+        if self._classifier is None:
+            raise ValueError("no vocabulary set: call set_vocabulary(names) first")
+        timings: dict[str, float] = {}
+        start = time.perf_counter()
+        array = load_image(image)
+        height, width = array.shape[:2]
+        inf = self.model.cfg.inference
+        resized = resize_shortest_edge(array, inf.min_size_test, inf.max_size_test) if self.resize else array
+        tensor = torch.from_numpy(np.array(resized, dtype=np.uint8)).to(self.device)
+        tensor = tensor.permute(2, 0, 1)[None].float()
+        timings["preprocess"] = time.perf_counter() - start
+
+        out = self.model(tensor, self._classifier, rng=self.rng, timings=timings)
+
+        start = time.perf_counter()
+        label_map, scores = _postprocess(out.sem_seg, (height, width), return_scores)
+        timings["postprocess"] = time.perf_counter() - start
+        return SegmentationResult(
+            label_map, list(self.classes), scores, timings, tuple(resized.shape[:2]), int(out.regions.valid.sum())
+        )
+
+
+def _postprocess(sem_seg: torch.Tensor, size: tuple[int, int], keep_scores: bool):
+    """Resize (K, h, w) scores to the image size (bilinear, as `sem_seg_postprocess`) and argmax.
+
+    The argmax runs over class chunks with a running maximum, so the full (K, H, W) tensor
+    at the original size exists only when the caller asks for the scores.
+    """
+    same_size = tuple(sem_seg.shape[-2:]) == tuple(size)
+    best_val = best_idx = None
+    kept = []
+    for start in range(0, sem_seg.shape[0], _CLASS_CHUNK):
+        chunk = sem_seg[start : start + _CLASS_CHUNK]
+        if not same_size:
+            chunk = F.interpolate(chunk[None], size=size, mode="bilinear", align_corners=False)[0]
+        val, idx = chunk.max(0)
+        idx = idx + start
+        if best_val is None:
+            best_val, best_idx = val, idx
+        else:
+            # Strictly greater keeps the first maximum, as a single argmax would.
+            better = val > best_val
+            best_val = torch.where(better, val, best_val)
+            best_idx = torch.where(better, idx, best_idx)
+        if keep_scores:
+            kept.append(chunk.float().cpu().numpy())
+    scores = np.concatenate(kept) if keep_scores else None
+    return best_idx.cpu().numpy().astype(np.int64), scores

@@ -1,0 +1,73 @@
+"""Shared test helpers: the official fixtures and tensor comparisons.
+
+The official fixtures live beside the checkout (``../shared/fixtures``); CI has them
+there too. They are read in place, never copied into the project. Tests that need them
+skip with a clear message when the folder is absent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+FIXTURES_ROOT = Path(os.environ.get("SCAN_FIXTURES", PROJECT_ROOT.parent / "shared" / "fixtures"))
+OFFICIAL_DEV = FIXTURES_ROOT / "official_dev"
+
+# Tolerance of the issue: max abs difference over max abs reference.
+REL_TOL = 1e-4
+
+
+def rel_diff(ours, ref) -> float:
+    """Max absolute difference divided by the max absolute reference value."""
+    import torch
+
+    ours = torch.as_tensor(ours).double()
+    ref = torch.as_tensor(ref).double()
+    assert ours.shape == ref.shape, f"shape {tuple(ours.shape)} != reference {tuple(ref.shape)}"
+    scale = ref.abs().max().clamp_min(1e-30)
+    return float((ours - ref).abs().max() / scale)
+
+
+@dataclass
+class OfficialCase:
+    """One case produced by the official implementation (see its README)."""
+
+    root: Path
+    expected: dict
+    state_dict: dict
+    classes: list[str]
+
+    def sub_state_dict(self, prefix: str) -> dict:
+        """The official state dict entries under ``prefix``, with the prefix removed."""
+        return {k[len(prefix):]: v for k, v in self.state_dict.items() if k.startswith(prefix)}
+
+
+def _require_fixtures() -> None:
+    if not OFFICIAL_DEV.is_dir():
+        pytest.skip(
+            f"official fixtures not found at {OFFICIAL_DEV} "
+            "(they sit beside the checkout in ../shared/fixtures; set SCAN_FIXTURES to point elsewhere)"
+        )
+
+
+@pytest.fixture(scope="session")
+def official_dev() -> OfficialCase:
+    _require_fixtures()
+    import torch
+
+    expected = torch.load(OFFICIAL_DEV / "expected.pt", map_location="cpu", weights_only=True)
+    state_dict = torch.load(OFFICIAL_DEV / "model.pth", map_location="cpu", weights_only=True)["model"]
+    classes = json.loads((OFFICIAL_DEV / "classes.json").read_text())
+    return OfficialCase(OFFICIAL_DEV, expected, state_dict, classes)
+
+
+@pytest.fixture(scope="session")
+def fixtures_root() -> Path:
+    if not FIXTURES_ROOT.is_dir():
+        pytest.skip(f"fixtures not found at {FIXTURES_ROOT}")
+    return FIXTURES_ROOT
