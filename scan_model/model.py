@@ -179,7 +179,7 @@ class ScanModel(nn.Module):
             self.clip_mean.flatten(),
             self.clip_std.flatten(),
             size=self.cfg.clip.vision["image_size"],
-            chunk_size=inf.region_batch_size,
+            chunk_size=_crop_chunk(mask_probs.shape[-2:], self.cfg.clip.vision["image_size"]),
             fill=self.clip_fill.flatten(),
         )
         patch = self.cfg.clip.vision["patch_size"]
@@ -239,6 +239,17 @@ class ScanModel(nn.Module):
         sem_seg, scores = self.semantic_inference(decoded.class_logits[0], regions, mask_probs)
         clock.lap("ensemble")
         return ScanOutput(sem_seg, scores, mask_probs, decoded, regions)
+
+
+# Bytes of gather intermediates per crop chunk. The batched crop is memory-bound: chunks that
+# stay in cache run ~2x faster than one large batch on CPU, and peak memory stays bounded.
+_CROP_CHUNK_BYTES = 16 << 20
+
+
+def _crop_chunk(image_size, crop_size: int) -> int:
+    """Masks per crop chunk: the separable gather holds ~3 channels x 4 taps x size x long side floats."""
+    per_region = 3 * 4 * crop_size * max(int(image_size[0]), int(image_size[1])) * 4
+    return max(1, _CROP_CHUNK_BYTES // per_region)
 
 
 class _StageClock:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from runtime.images import load_image, resize_shortest_edge
+from runtime.images import ImageError, load_image, resize_shortest_edge
 from runtime.vocab import parse_vocabulary
 
 from .model import ScanModel
@@ -84,6 +84,13 @@ class EagerSegmenter:
         array = load_image(image)
         height, width = array.shape[:2]
         inf = self.model.cfg.inference
+        if not self.resize and max(height, width) > inf.max_size_test:
+            # Memory grows with Q x H x W mask probabilities; the official test resize caps the
+            # long side at max_size_test, and so do we when resizing is switched off.
+            raise ImageError(
+                f"image of {width}x{height} exceeds {inf.max_size_test} pixels on its long side; "
+                "drop --no-resize (the official test resize) or shrink the image"
+            )
         resized = resize_shortest_edge(array, inf.min_size_test, inf.max_size_test) if self.resize else array
         tensor = torch.from_numpy(np.array(resized, dtype=np.uint8)).to(self.device)
         tensor = tensor.permute(2, 0, 1)[None].float()

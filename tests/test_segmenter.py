@@ -81,3 +81,29 @@ def test_runtime_modules_do_not_import_torch():
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def test_no_mask_above_threshold_falls_back_to_in_vocabulary_scores(segmenter):
+    # The official adapter crashes here (SPEC §8 B3); we keep every query with out-vocab 1.
+    inf = segmenter.model.cfg.inference
+    segmenter.set_vocabulary(["sky", "grass", "house"])
+    old = inf.mask_threshold
+    try:
+        inf.mask_threshold = 0.999999
+        result = segmenter.segment(synthetic_scene(32, 32, seed=6), return_scores=True)
+    finally:
+        inf.mask_threshold = old
+    assert result.num_regions == 0
+    assert np.isfinite(result.sem_seg).all() and result.label_map.shape == (32, 32)
+
+
+def test_oversized_image_without_resize_is_refused(segmenter):
+    from runtime.images import ImageError
+
+    segmenter.set_vocabulary(["sky", "grass", "house"])
+    segmenter.resize = False
+    try:
+        with pytest.raises(ImageError, match="2560"):
+            segmenter.segment(np.zeros((8, 3000, 3), np.uint8))
+    finally:
+        segmenter.resize = True
