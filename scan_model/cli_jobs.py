@@ -54,8 +54,8 @@ def check_output_dir(out: Path) -> None:
         raise PermissionError(f"output folder {out} is not writable")
 
 
-def check_images(paths: list[Path]) -> None:
-    """Every image decodes, and no two share an output name."""
+def check_images(paths: list[Path], out: Path) -> None:
+    """Every image decodes, no two share an output name, and no output would overwrite an input."""
     if not paths:
         raise ImageError("no images given")
     stems: dict[str, Path] = {}
@@ -64,11 +64,15 @@ def check_images(paths: list[Path]) -> None:
         if path.stem in stems:
             raise ImageError(f"{stems[path.stem]} and {path} would write the same outputs ({path.stem}.png): rename one")
         stems[path.stem] = path
+        for suffix in (".png", "_overlay.png", ".npz"):
+            target = out / f"{path.stem}{suffix}"
+            if target.exists() and target.resolve() == path.resolve():
+                raise ImageError(f"output {target} would overwrite the input image {path}: choose another --out")
 
 
 def run_segment(opts: SegmentOptions) -> list[Path]:
     names = parse_vocabulary(opts.vocab)
-    check_images(opts.images)
+    check_images(opts.images, opts.out)
     if opts.checkpoint is None and opts.config is None:
         raise ValueError("pass --checkpoint (with --config for an official SCAN.pth), or --config PRESET for random weights")
     check_output_dir(opts.out)
@@ -117,8 +121,8 @@ def run_demo(out: Path, preset: str, seed: int) -> list[Path]:
 
     from .synthetic import synthetic_scene
 
-    check_output_dir(out)
-    image_path = out / "demo.png"
+    check_output_dir(out / "input")
+    image_path = out / "input" / "demo.png"
     image = synthetic_scene(seed=seed)
     from runtime.outputs import atomic_write
 

@@ -169,8 +169,17 @@ def test_convert_and_segment_with_converted(official_dev, tmp_path):
 def test_demo(tmp_path):
     result = _run("demo", "--out", tmp_path / "demo")
     assert result.exit_code == 0, result.output
-    for name in ("demo.png", "demo_overlay.png", "demo.npz"):
+    for name in ("input/demo.png", "demo.png", "demo_overlay.png", "demo.npz"):
         assert (tmp_path / "demo" / name).is_file()
+    # the generated input keeps its colours; the label map is a single-channel index image
+    assert Image.open(tmp_path / "demo" / "input" / "demo.png").mode == "RGB"
+    assert Image.open(tmp_path / "demo" / "demo.png").mode == "L"
+
+
+def test_output_would_overwrite_input(scene):
+    result = _segment([scene], scene.parent)
+    assert result.exit_code == 2 and "overwrite" in _error_line(result)
+    assert Image.open(scene).mode == "RGB"
 
 
 def test_doctor_reports_backends():
