@@ -10,12 +10,13 @@ median of N timed calls. Random weights by default; pass --checkpoint/--config f
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
 import time
 from pathlib import Path
+
+from benchmarks.common import parse_size, report
 
 
 def measure(preset: str, size: tuple[int, int], runs: int, threads: int, vocab: list[str], checkpoint=None, seed: int = 0) -> dict:
@@ -66,13 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vocab", default="cup,saucer,spoon,coffee,table,wall,plate,person,cat,tree")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
-    height, width = (int(v) for v in args.size.lower().split("x"))
+    height, width = parse_size(args.size)
     result = measure(args.preset, (height, width), args.runs, args.threads, args.vocab.split(","), args.checkpoint)
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
+    report(result, args.json)
     return 0
 
 
