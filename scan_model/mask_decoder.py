@@ -99,7 +99,9 @@ class SelfAttentionLayer(nn.Module):
 
     def forward(self, tgt: Tensor, query_pos: Tensor) -> Tensor:
         q = tgt + query_pos
-        return self.norm(tgt + self.self_attn(q, q, tgt, need_weights=False)[0])
+        # need_weights left at its default (True) on purpose: it selects the explicit
+        # baddbmm/softmax/bmm path the official call takes, not the fused SDPA kernel.
+        return self.norm(tgt + self.self_attn(q, q, tgt)[0])
 
 
 class CrossAttentionLayer(nn.Module):
@@ -113,7 +115,7 @@ class CrossAttentionLayer(nn.Module):
 
     def forward(self, tgt: Tensor, memory: Tensor, blocked: Tensor, pos: Tensor, query_pos: Tensor) -> Tensor:
         """tgt: (B, Q, C); memory, pos: (B, S, C); blocked: (B*heads, Q, S) bool, True = may not attend."""
-        out = self.multihead_attn(tgt + query_pos, memory + pos, memory, attn_mask=blocked, need_weights=False)[0]
+        out = self.multihead_attn(tgt + query_pos, memory + pos, memory, attn_mask=blocked)[0]
         return self.norm(tgt + out)
 
 
