@@ -205,6 +205,12 @@ class SemanticCalibration(nn.Module):
         global_cls: (B, E) the original CLIP's final projected CLS token, not normalised.
         Returns (B, Q, E), not L2-normalised (the caller normalises and forms 100 * cosine logits).
         """
-        context = self.clip_context(layer_tokens)
+        return self.calibrate(query_embeddings, self.clip_context(layer_tokens), global_cls)
+
+    def calibrate(self, query_embeddings: Tensor, context: Tensor, global_cls: Tensor) -> Tensor:
+        """`forward` with the CLIP context already computed (it depends on the image only).
+
+        context: (B, S*G*G, E) from ``clip_context``; the other arguments as in ``forward``.
+        """
         fused = self.fusion(query_embeddings, context)
         return self.refine(self.add_global_embedding(fused, global_cls))

@@ -35,6 +35,7 @@ class ImageFeatures:
 
     pixel: PixelDecoderOutput
     global_clip: GlobalClipOutput
+    clip_context: Tensor  # (B, 3*G*G, E) frequency-filtered CLIP tokens after the MLP
     padded_size: tuple[int, int]
     image_size: tuple[int, int]
 
@@ -135,26 +136,34 @@ class ScanModel(nn.Module):
         return F.interpolate(clip_padded, size=(size, size), mode="nearest")
 
     def encode_image(self, image: Tensor) -> ImageFeatures:
+        """(B, 3, H, W) float RGB 0..255 -> everything the decoders need from the image."""
         swin_input, clip_padded = self.normalise_and_pad(image)
-        features = self.backbone(swin_input)
-        pixel = self.pixel_decoder(features)
-        global_clip = global_clip_forward(
-            self.original_clip,
-            self.clip_input(clip_padded),
-            tap_layers=self.cfg.clip_tap_layers,
-            cls_layers=self.cfg.inference.replace_layers,
-        )
+        pixel, global_clip, context = self.encode_normalised(swin_input, self.clip_input(clip_padded))
         return ImageFeatures(
             pixel=pixel,
             global_clip=global_clip,
+            clip_context=context,
             padded_size=(swin_input.shape[-2], swin_input.shape[-1]),
             image_size=(image.shape[-2], image.shape[-1]),
         )
 
+    def encode_normalised(self, swin_input: Tensor, clip_image: Tensor) -> tuple[PixelDecoderOutput, GlobalClipOutput, Tensor]:
+        """The image encoder proper, on already normalised inputs (the export boundary).
+
+        swin_input: (B, 3, H, W) Swin-normalised, padded to /32; clip_image: (B, 3, S, S) CLIP input.
+        """
+        pixel = self.pixel_decoder(self.backbone(swin_input))
+        global_clip = global_clip_forward(
+            self.original_clip,
+            clip_image,
+            tap_layers=self.cfg.clip_tap_layers,
+            cls_layers=self.cfg.inference.replace_layers,
+        )
+        return pixel, global_clip, self.calibration.clip_context(global_clip.layer_tokens)
+
     def decode(self, features: ImageFeatures, text_classifier: Tensor) -> DecodedMasks:
         out = self.mask_decoder(features.pixel.multi_scale_features, features.pixel.mask_features)
-        gc = features.global_clip
-        refined = self.calibration(out.query_embeddings, gc.layer_tokens, gc.final_cls)
+        refined = self.calibration.calibrate(out.query_embeddings, features.clip_context, features.global_clip.final_cls)
         embeddings = F.normalize(refined, dim=-1)
         logits = LOGIT_SCALE * embeddings @ text_classifier.t()
         return DecodedMasks(embeddings, logits, out.mask_logits, out.query_embeddings, out.aux)

@@ -1,0 +1,220 @@
+"""Exporting one piece to ONNX, and the checks every export runs.
+
+Exporter: `torch.onnx.export(..., dynamo=True)` at opset 18 (EXPORT_NOTES §1). Because the
+dynamo exporter can silently turn a dynamic dimension into a constant, every export is
+followed by checks that fail loudly: the intended axes must be symbolic in the saved graph,
+no operator from the deny list may appear, `onnx.checker` must pass in full, and ONNX Runtime
+must agree with eager at shapes other than the export example.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch.export import Dim
+
+from scan_model.model import ScanModel
+
+from .pieces import PIECES, example_inputs
+
+OPSET = 18
+# Ops that TensorRT rejects or that make shapes data-dependent (EXPORT_NOTES §1, §4.1).
+DENIED_OPS = frozenset({"DFT", "STFT", "NonZero", "Loop", "If", "RoiAlign", "Scan"})
+STANDARD_DOMAINS = frozenset({"", "ai.onnx"})
+
+
+class ExportError(RuntimeError):
+    """An export that produced a graph we must not ship; the message says which check failed."""
+
+
+@dataclass
+class Shape:
+    """One test point of a piece: image size (multiples of 32), vocabulary size K, masks N."""
+
+    height: int
+    width: int
+    classes: int
+    masks: int
+
+    def label(self) -> str:
+        return f"{self.height}x{self.width} K={self.classes} N={self.masks}"
+
+
+@dataclass
+class ParityResult:
+    shape: str
+    max_abs: dict[str, float] = field(default_factory=dict)
+    max_rel: dict[str, float] = field(default_factory=dict)  # max abs diff / max abs eager value
+
+
+@dataclass
+class PieceExport:
+    name: str
+    path: Path
+    seconds: float
+    op_count: int
+    op_types: dict[str, int]
+    dynamic_axes: dict[str, list[str | int]]
+    parity: list[ParityResult] = field(default_factory=list)
+
+    def worst_rel(self) -> float:
+        return max((v for p in self.parity for v in p.max_rel.values()), default=0.0)
+
+
+def dynamic_shapes(piece: str, model: ScanModel) -> dict:
+    """The symbolic axes of each piece's inputs (H, W as multiples of 32; K+1; N; M)."""
+    h32, w32 = Dim("h32", min=1, max=80), Dim("w32", min=1, max=80)
+    k = Dim("classes_plus_one", min=2, max=65536)
+    if piece == "image_encoder":
+        return {"image": {2: 32 * h32, 3: 32 * w32}, "clip_image": None}
+    if piece == "mask_decoder":
+        return {
+            "mask_features": {2: 8 * h32, 3: 8 * w32},
+            "features_0": {2: h32, 3: w32},
+            "features_1": {2: 2 * h32, 3: 2 * w32},
+            "features_2": {2: 4 * h32, 3: 4 * w32},
+            "clip_context": None,
+            "global_cls": None,
+            "text_classifier": {0: k},
+        }
+    if piece == "clip_adapter":
+        height, width, masks = Dim("height", min=2, max=2560), Dim("width", min=2, max=2560), Dim("masks", min=1, max=1024)
+        return {
+            "image": {1: height, 2: width},
+            "mask_probs": {0: masks, 1: height, 2: width},
+            "mask_threshold": None,
+            "shift_tokens": None,
+            "text_classifier": {0: k},
+        }
+    if piece == "text_encoder":
+        return {"tokens": {0: Dim("prompts", min=1, max=65536)}}
+    raise ValueError(f"unknown piece {piece!r}")
+
+
+def export_piece(model: ScanModel, piece: str, path: Path, example: Shape) -> PieceExport:
+    """Export `piece` of `model` to `path` and run the structural checks (not parity)."""
+    wrapper = PIECES[piece](model).eval()
+    args = example_inputs(model, piece, example.height, example.width, example.classes, example.masks)
+    shapes = dynamic_shapes(piece, model)
+    start = time.perf_counter()
+    try:
+        program = torch.onnx.export(
+            wrapper,
+            args,
+            dynamo=True,
+            opset_version=OPSET,
+            input_names=list(wrapper.input_names),
+            output_names=list(wrapper.output_names),
+            dynamic_shapes=shapes,
+            external_data=False,
+            verbose=False,
+        )
+    except Exception as exc:  # the exporter raises many types; one clear line for the user
+        raise ExportError(f"{piece}: torch.onnx.export failed: {str(exc).strip().splitlines()[0]}") from exc
+    program.save(str(path))
+    seconds = time.perf_counter() - start
+    proto = onnx.load(str(path))
+    record = PieceExport(piece, path, seconds, len(proto.graph.node), _op_histogram(proto), _graph_axes(proto))
+    check_graph(proto, piece, shapes, wrapper.input_names)
+    return record
+
+
+def _op_histogram(proto: onnx.ModelProto) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in _all_nodes(proto):
+        key = node.op_type if node.domain in STANDARD_DOMAINS else f"{node.domain}::{node.op_type}"
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def _all_nodes(proto: onnx.ModelProto):
+    yield from proto.graph.node
+    for function in proto.functions:
+        yield from function.node
+
+
+def _graph_axes(proto: onnx.ModelProto) -> dict[str, list[str | int]]:
+    axes = {}
+    for value in list(proto.graph.input) + list(proto.graph.output):
+        axes[value.name] = [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+    return axes
+
+
+def check_graph(proto: onnx.ModelProto, piece: str, shapes: dict, input_names) -> None:
+    """Full checker, symbolic intended axes, no denied operators or custom domains."""
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise ExportError(f"{piece}: onnx.checker failed: {str(exc).splitlines()[0]}") from None
+    axes = _graph_axes(proto)
+    for name in input_names:
+        for axis in (shapes.get(name) or {}):
+            dim = axes[name][axis]
+            if not isinstance(dim, str) or not dim:
+                raise ExportError(
+                    f"{piece}: axis {axis} of input {name!r} was meant to be dynamic but is fixed to {dim} in the graph"
+                )
+    bad = sorted({n.op_type for n in _all_nodes(proto) if n.op_type in DENIED_OPS})
+    custom = sorted({f"{n.domain}::{n.op_type}" for n in _all_nodes(proto) if n.domain not in STANDARD_DOMAINS})
+    if bad or custom:
+        raise ExportError(f"{piece}: graph holds denied operators {bad + custom}")
+
+
+@torch.no_grad()
+def ort_parity(model: ScanModel, record: PieceExport, shapes: list[Shape], providers=("CPUExecutionProvider",)) -> list[ParityResult]:
+    """ONNX Runtime against eager at each shape: max abs and relative difference per output."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(record.path), options, providers=list(providers))
+    wrapper = PIECES[record.name](model).eval()
+    results = []
+    for shape in shapes:
+        args = example_inputs(model, record.name, shape.height, shape.width, shape.classes, shape.masks, seed=1)
+        eager = wrapper(*args)
+        eager = eager if isinstance(eager, tuple) else (eager,)
+        feeds = {name: arg.numpy() for name, arg in zip(wrapper.input_names, args)}
+        outputs = session.run(list(wrapper.output_names), feeds)
+        result = ParityResult(shape.label())
+        for name, ours, ref in zip(wrapper.output_names, outputs, eager):
+            ref = ref.numpy()
+            if ref.shape != ours.shape:
+                raise ExportError(f"{record.name}: output {name} has shape {ours.shape} in ONNX Runtime, {ref.shape} eager")
+            if ref.dtype == np.bool_:
+                diff = float((ours != ref).mean())
+                result.max_abs[name] = result.max_rel[name] = diff
+                continue
+            diff = np.abs(ours.astype(np.float64) - ref.astype(np.float64))
+            scale = max(float(np.abs(ref).max()), 1e-30) if ref.size else 1.0
+            result.max_abs[name] = float(diff.max()) if diff.size else 0.0
+            result.max_rel[name] = result.max_abs[name] / scale
+        results.append(result)
+    record.parity.extend(results)
+    return results
+
+
+def parity_gate(record: PieceExport, tolerance: float) -> None:
+    """Fail with a report when any output at any shape exceeds `tolerance` (relative)."""
+    failures = [
+        f"{p.shape} {name}: {value:.2e}" for p in record.parity for name, value in p.max_rel.items() if value > tolerance
+    ]
+    if failures:
+        raise ExportError(f"{record.name}: ONNX Runtime differs from eager beyond {tolerance:g}: " + "; ".join(failures))
+
+
+def export_all(model: ScanModel, out_dir: Path, example: Shape, checks: list[Shape], tolerance: float = 1e-3) -> dict[str, PieceExport]:
+    """Every piece: export, structural checks, parity at the example and `checks` shapes, gate."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records = {}
+    for piece in PIECES:
+        record = export_piece(model, piece, out_dir / f"{piece}.onnx", example)
+        ort_parity(model, record, [example, *checks])
+        parity_gate(record, tolerance)
+        records[piece] = record
+    return records
