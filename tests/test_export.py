@@ -112,3 +112,36 @@ def test_assembled_onnx_pipeline_matches_eager_labels(tiny_model, exported, size
     agreement = float((eager.argmax(0) == onnx_map.argmax(0)).double().mean())
     print(f"{size}: label agreement {agreement:.5f}, sem_seg max rel {float((eager - onnx_map).abs().max() / eager.abs().max()):.1e}")
     assert agreement >= 0.999
+
+
+def test_tensorrt_rtx_gate_builds_every_piece(exported):
+    """Every piece parses with TensorRT's ONNX importer and builds with dynamic profiles (AOT, no GPU)."""
+    pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx not installed (pip install 'scan-deploy[dev]')")
+    from export.tensorrt import ShapeRanges, build_engine
+
+    ranges = ShapeRanges(height=(64, 320, 640), width=(64, 320, 640), classes=(1, 10, 200), masks=(1, 16, 100))
+    for name, record in exported.items():
+        result = build_engine(record.path, name, ranges, backend="tensorrt_rtx")
+        print(result.summary())
+        assert result.built, result.summary()
+
+
+def test_tensorrt_gate_reports_rejected_nodes(tmp_path):
+    pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx not installed (pip install 'scan-deploy[dev]')")
+    from export.tensorrt import ShapeRanges, build_engine
+
+    node = helper.make_node("DFT", ["x"], ["y"], onesided=0)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 2])])
+    path = tmp_path / "dft.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+    result = build_engine(path, "text_encoder", ShapeRanges(), backend="tensorrt_rtx")
+    assert not result.built and "DFT" in result.summary()
+
+
+def test_exports_are_reproducible(tiny_model, tmp_path):
+    from export.onnx_export import export_piece
+
+    a = export_piece(tiny_model, "text_encoder", tmp_path / "a.onnx", EXAMPLE)
+    b = export_piece(tiny_model, "text_encoder", tmp_path / "b.onnx", EXAMPLE)
+    assert a.path.read_bytes() == b.path.read_bytes()
