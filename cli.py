@@ -21,7 +21,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from scan_model.checkpoint import CheckpointError
     from scan_model.official_config import ConfigError
 
-    return ImageError, VocabularyError, ConfigError, CheckpointError, FileExistsError, PermissionError
+    from export.bundle import BundleError
+    from export.onnx_export import ExportError
+
+    return ImageError, VocabularyError, ConfigError, CheckpointError, BundleError, ExportError, FileExistsError, PermissionError
 
 
 def _fail(message: str) -> None:
@@ -86,6 +89,26 @@ def demo(
         from scan_model.cli_jobs import run_demo
 
         run_demo(out, preset, seed)
+
+    _run(job)
+
+
+@app.command("export")
+def export_bundle(
+    out: Path = typer.Option(..., help="Bundle folder to write (replaced atomically if it is a bundle)."),
+    checkpoint: Optional[Path] = typer.Option(None, help="Our .safetensors or an official SCAN.pth (with --config)."),
+    config: Optional[str] = typer.Option(None, help="Official YAML, our JSON, or a preset."),
+    preset: Optional[str] = typer.Option(None, help="Export a preset with seeded random weights (tiny, vitb, vitl)."),
+    vocab: Optional[str] = typer.Option(None, help="Vocabulary whose text embeddings are cached in the bundle."),
+    standard_vocabs: bool = typer.Option(False, help="Also cache the six benchmark vocabularies."),
+    seed: int = typer.Option(0, help="Seed for random weights."),
+) -> None:
+    """Export the model as a bundle of ONNX pieces with parity gates, tokenizer data and text caches."""
+
+    def job() -> None:
+        from scan_model.cli_jobs import run_export
+
+        run_export(out, checkpoint, config, preset, vocab, standard_vocabs, seed)
 
     _run(job)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -38,6 +39,11 @@ def parse_vocabulary(spec: str | list[str]) -> list[str]:
             if not path.is_file():
                 raise VocabularyError(f"vocabulary file not found: {path}")
             names, source = _read_names(path), str(path)
+        elif _looks_like_preset(text):
+            raise VocabularyError(
+                f"unknown vocabulary preset {text!r}; known presets: {', '.join(presets)} "
+                "(pass a file or comma-separated names otherwise)"
+            )
         else:
             names, source = text.split(","), "--vocab"
     names = [n.strip() for n in names]
@@ -56,6 +62,11 @@ def parse_vocabulary(spec: str | list[str]) -> list[str]:
             )
         seen[name] = i
     return names
+
+
+def _looks_like_preset(text: str) -> bool:
+    """A single token shaped like a benchmark preset name (ade150, pc59, ...) but not one of them."""
+    return re.fullmatch(r"(ade|pc|voc|coco)\d+", text) is not None
 
 
 def _read_names(path: Path) -> list[str]:

@@ -148,3 +148,35 @@ def run_convert(checkpoint: Path, config: str, out: Path) -> Path:
     ignored = f"; ignored {', '.join(report.ignored)}" if report and report.ignored else ""
     _say(f"converted {checkpoint} -> {path} (+ {path.with_suffix('.json').name}): all keys matched{ignored}")
     return path
+
+
+def run_export(out: Path, checkpoint: Path | None, config: str | None, preset: str | None, vocab: str | None,
+               standard_vocabs: bool, seed: int) -> dict:
+    from export.bundle import check_destination, sha256_file, write_bundle
+
+    from .loading import load_model
+
+    if (checkpoint is None) == (preset is None):
+        raise ValueError("pass either --checkpoint (with --config for an official SCAN.pth) or --preset")
+    vocabularies = {}
+    if vocab:
+        names = parse_vocabulary(vocab)
+        key = str(vocab) if str(vocab) in benchmark_vocabularies() else "custom-" + _names_digest(names)
+        vocabularies[key] = names
+    if standard_vocabs:
+        vocabularies.update(benchmark_vocabularies())
+    check_destination(out)
+    loaded = load_model(checkpoint, config if checkpoint else preset, device="cpu", seed=seed)
+    digest = sha256_file(checkpoint) if checkpoint else None
+    manifest = write_bundle(loaded.model, out, digest, vocabularies)
+    for name, piece in manifest["pieces"].items():
+        worst = max(v for p in piece["parity"] for v in p["max_rel"].values())
+        _say(f"{name}: {piece['op_count']} ops, parity worst {worst:.1e} over {len(piece['parity'])} shapes")
+    _say(f"bundle written to {out}")
+    return manifest
+
+
+def _names_digest(names: list[str]) -> str:
+    import hashlib
+
+    return hashlib.sha256("\n".join(names).encode()).hexdigest()[:12]

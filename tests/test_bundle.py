@@ -1,0 +1,111 @@
+"""The bundle: manifest, files, text caches, atomic replacement and bad destinations."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cli import app
+from export.bundle import MANIFEST, BundleError, check_destination, sha256_file, write_bundle
+from export.onnx_export import ExportError, Shape
+from runtime.vocab import VocabularyError, benchmark_vocabularies, parse_vocabulary
+from scan_model.loading import load_model
+
+SMALL = dict(example=Shape(64, 96, 3, 2), checks=(Shape(96, 64, 5, 3),), pieces=("text_encoder",))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model(None, "tiny", seed=0).model
+
+
+def test_bundle_contents(model, tmp_path):
+    out = tmp_path / "bundle"
+    voc = benchmark_vocabularies()["voc20"]
+    manifest = write_bundle(model, out, "abc", {"voc20": voc}, **SMALL)
+    on_disk = json.loads((out / MANIFEST).read_text())
+    assert on_disk == json.loads(json.dumps(manifest))
+    assert on_disk["schema_version"] == 1 and on_disk["model"]["checkpoint_sha256"] == "abc"
+    piece = on_disk["pieces"]["text_encoder"]
+    assert piece["sha256"] == sha256_file(out / piece["file"])
+    assert piece["inputs"][0] == {"name": "tokens", "dtype": "int64", "shape": ["prompts", 77]}
+    assert len(piece["parity"]) == 2 and all(v <= 1e-3 for p in piece["parity"] for v in p["max_rel"].values())
+    cache = on_disk["text_caches"]["voc20"]
+    with np.load(out / cache["file"]) as data:
+        assert list(data["names"]) == voc
+        expected = model.encode_text(voc).numpy()
+        assert np.abs(data["embeddings"] - expected).max() < 1e-6
+    assert (out / "tokenizer" / "bpe_simple_vocab_16e6.txt.gz").is_file()
+    assert cache["file"].startswith(f"text_cache/{piece['sha256'][:16]}-vild-")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary folders left behind"
+
+
+def test_bundle_is_reproducible(model, tmp_path):
+    a = write_bundle(model, tmp_path / "a", None, {}, **SMALL)
+    b = write_bundle(model, tmp_path / "b", None, {}, **SMALL)
+    assert (tmp_path / "a" / MANIFEST).read_bytes() == (tmp_path / "b" / MANIFEST).read_bytes()
+    assert (tmp_path / "a" / "text_encoder.onnx").read_bytes() == (tmp_path / "b" / "text_encoder.onnx").read_bytes()
+    assert a == b
+
+
+def test_failed_export_keeps_previous_bundle(model, tmp_path):
+    out = tmp_path / "bundle"
+    write_bundle(model, out, "first", {}, **SMALL)
+    before = (out / MANIFEST).read_bytes()
+    with pytest.raises(ExportError, match="differs from eager"):
+        write_bundle(model, out, "second", {}, tolerance=-1.0, **SMALL)  # every parity check fails
+    assert (out / MANIFEST).read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+
+
+def test_bad_destinations(tmp_path):
+    bundle = tmp_path / "b"
+    bundle.mkdir()
+    (bundle / MANIFEST).write_text("{}")
+    with pytest.raises(BundleError, match="inside the existing bundle"):
+        check_destination(bundle / "nested")
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "x.txt").write_text("keep me")
+    with pytest.raises(BundleError, match="not a bundle"):
+        check_destination(other)
+    afile = tmp_path / "file"
+    afile.write_text("")
+    with pytest.raises(BundleError, match="is a file"):
+        check_destination(afile / "bundle")
+
+
+def test_unknown_vocabulary_preset():
+    with pytest.raises(VocabularyError, match="unknown vocabulary preset"):
+        parse_vocabulary("ade999")
+    assert parse_vocabulary("ade150")[0] == "wall"
+
+
+def test_cli_export_errors(tmp_path):
+    runner = CliRunner()
+    bundle = tmp_path / "b"
+    bundle.mkdir()
+    (bundle / MANIFEST).write_text("{}")
+    for args, needle in (
+        (["--preset", "tiny", "--out", str(bundle / "inner")], "inside the existing bundle"),
+        (["--preset", "tiny", "--out", str(tmp_path / "x"), "--vocab", "pc4590"], "unknown vocabulary preset"),
+        (["--out", str(tmp_path / "y")], "--preset"),
+    ):
+        result = runner.invoke(app, ["export", *args])
+        assert result.exit_code == 2 and needle in result.stderr, result.output
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_bundle_folder_is_not_private(model, tmp_path):
+    import os
+    import stat
+
+    out = tmp_path / "bundle"
+    write_bundle(model, out, None, {}, **SMALL)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
