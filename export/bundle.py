@@ -22,7 +22,7 @@ import torch
 from scan_model.model import ScanModel
 from scan_model.text import VILD_TEMPLATES, encode_class_names
 
-from .onnx_export import OPSET, PieceExport, Shape, export_piece, ort_parity, parity_gate
+from .onnx_export import OPSET, PieceExport, Shape, export_all
 from .pieces import PIECES
 
 SCHEMA_VERSION = 1
@@ -98,12 +98,7 @@ def write_bundle(
     check_destination(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.resolve().parent))
     try:
-        records = {}
-        for piece in pieces:
-            record = export_piece(model, piece, tmp / f"{piece}.onnx", example)
-            ort_parity(model, record, [example, *checks])
-            parity_gate(record, tolerance)
-            records[piece] = record
+        records = export_all(model, tmp, example, list(checks), tolerance, pieces)
         manifest = _manifest(model, records, checkpoint_hash)
         manifest["text_caches"] = _text_caches(model, tmp, vocabularies, manifest)
         _copy_tokenizer(tmp)
