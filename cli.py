@@ -22,9 +22,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from scan_model.official_config import ConfigError
 
     from export.bundle import BundleError
+    from export.engines import EngineBuildError
     from export.onnx_export import ExportError
+    from export.tensorrt import TensorRTUnavailable
 
-    return ImageError, VocabularyError, ConfigError, CheckpointError, BundleError, ExportError, FileExistsError, PermissionError
+    return (ImageError, VocabularyError, ConfigError, CheckpointError, BundleError, ExportError, EngineBuildError,
+            TensorRTUnavailable, FileExistsError, PermissionError)
 
 
 def _fail(message: str) -> None:
@@ -101,14 +104,25 @@ def export_bundle(
     preset: Optional[str] = typer.Option(None, help="Export a preset with seeded random weights (tiny, vitb, vitl)."),
     vocab: Optional[str] = typer.Option(None, help="Vocabulary whose text embeddings are cached in the bundle."),
     standard_vocabs: bool = typer.Option(False, help="Also cache the six benchmark vocabularies."),
+    precision: str = typer.Option("fp32", help="fp32, or fp16 (adds fp16 pieces with fp32 LayerNorm/softmax/LFM for TensorRT)."),
+    tensorrt: bool = typer.Option(False, "--tensorrt", help="Also build TensorRT engines (tensorrt on a GPU host, or tensorrt-rtx ahead of time)."),
+    trt_backend: Optional[str] = typer.Option(None, help="tensorrt or tensorrt_rtx (default: the first importable)."),
+    trt_height: str = typer.Option("320,640,1024", help="Engine profile min,opt,max image height (multiples of 32)."),
+    trt_width: str = typer.Option("320,640,1024", help="Engine profile min,opt,max image width (multiples of 32)."),
+    trt_classes: str = typer.Option("1,150,1024", help="Engine profile min,opt,max vocabulary size K."),
+    trt_masks: str = typer.Option("1,32,100", help="Engine profile min,opt,max regions per CLIP-adapter call."),
     seed: int = typer.Option(0, help="Seed for random weights."),
 ) -> None:
     """Export the model as a bundle of ONNX pieces with parity gates, tokenizer data and text caches."""
 
     def job() -> None:
-        from scan_model.cli_jobs import run_export
+        from scan_model.cli_jobs import ExportOptions, run_export
 
-        run_export(out, checkpoint, config, preset, vocab, standard_vocabs, seed)
+        run_export(ExportOptions(
+            out=out, checkpoint=checkpoint, config=config, preset=preset, vocab=vocab, standard_vocabs=standard_vocabs,
+            seed=seed, precision=precision, tensorrt=tensorrt, trt_backend=trt_backend,
+            trt_ranges=dict(height=trt_height, width=trt_width, classes=trt_classes, masks=trt_masks),
+        ))
 
     _run(job)
 
@@ -130,12 +144,20 @@ def convert(
 
 
 @app.command()
-def doctor() -> None:
+def doctor(
+    bundle: Optional[Path] = typer.Option(None, help="Also check this bundle: recorded parity, engines, and the TensorRT gate."),
+    build: bool = typer.Option(False, "--build", help="With --bundle: build engines in memory, not only parse."),
+) -> None:
     """Report versions, available backends and devices, and why a backend is unavailable."""
-    from scan_model.environment import environment_report
+    from scan_model.environment import bundle_report, environment_report
 
     for line in environment_report():
         typer.echo(line)
+    if bundle is not None:
+        if not (bundle / "manifest.json").is_file():
+            _fail(f"{bundle} is not a bundle (no manifest.json): pass the folder `scan export --out` wrote")
+        for line in bundle_report(bundle, build):
+            typer.echo(line)
 
 
 def main() -> None:  # pragma: no cover - console entry point alias

@@ -22,8 +22,9 @@ import torch
 from scan_model.model import ScanModel
 from scan_model.text import VILD_TEMPLATES, encode_class_names
 
-from .onnx_export import OPSET, PieceExport, Shape, export_all
+from .onnx_export import DENIED_OPS, EXTERNAL_DATA_BYTES, FP16_TOLERANCE, OPSET, PieceExport, Shape, export_all
 from .pieces import PIECES
+from .tensorrt import ShapeRanges
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -92,15 +93,37 @@ def write_bundle(
     checks: tuple[Shape, ...] = (Shape(256, 384, 5, 4), Shape(384, 256, 17, 12)),
     tolerance: float = 1e-3,
     pieces: tuple[str, ...] = tuple(PIECES),
+    precision: str = "fp32",
+    tensorrt: bool = False,
+    ranges: ShapeRanges | None = None,
+    trt_backend: str | None = None,
+    external_data_bytes: int = EXTERNAL_DATA_BYTES,
+    report=print,
 ) -> dict:
-    """Export `pieces`, gate them, add tokenizer data and text caches; return the manifest."""
+    """Export `pieces`, gate them, add tokenizer data and text caches; return the manifest.
+
+    `precision="fp16"` adds an fp16 variant of every piece (for TensorRT; ONNX Runtime on
+    CPU uses the fp32 files); `tensorrt` builds engines from the pieces of that precision.
+    """
+    if precision not in ("fp32", "fp16"):
+        raise BundleError(f"precision {precision!r}: choose fp32 or fp16")
     out = Path(out)
     check_destination(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.resolve().parent))
     try:
-        records = export_all(model, tmp, example, list(checks), tolerance, pieces)
-        manifest = _manifest(model, records, checkpoint_hash)
+        records = export_all(model, tmp, example, list(checks), tolerance, pieces, fp16=precision == "fp16",
+                             external_data_bytes=external_data_bytes)
+        manifest = _manifest(model, records, checkpoint_hash, tolerance)
         manifest["text_caches"] = _text_caches(model, tmp, vocabularies, manifest)
+        manifest["engines"] = {}
+        if tensorrt:
+            from .engines import build_bundle_engines
+
+            sources = {n: (r.fp16 if precision == "fp16" else r).path for n, r in records.items()}
+            manifest["engines"] = build_bundle_engines(tmp, sources, ranges or ShapeRanges(), precision, trt_backend, report)
+            for folder in manifest["engines"].values():
+                for entry in folder["pieces"].values():
+                    entry["sha256"] = sha256_file(tmp / entry["file"])
         _copy_tokenizer(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
         _make_shareable(tmp)
@@ -130,7 +153,34 @@ def _replace(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _manifest(model: ScanModel, records: dict[str, PieceExport], checkpoint_hash: str | None) -> dict:
+def _piece_entry(record: PieceExport, tolerance: float) -> dict:
+    entry = {
+        "file": record.path.name,
+        "sha256": sha256_file(record.path),
+        "precision": record.precision,
+        "opset": OPSET,
+        "op_count": record.op_count,
+        **_io_contract(record.path),
+        "parity": [asdict(p) for p in record.parity],
+        "parity_tolerance": tolerance,
+    }
+    if record.external_data:
+        data = record.files()[1]
+        entry["external_data"] = {"file": data.name, "sha256": sha256_file(data)}
+    return entry
+
+
+# What every export verified before the piece was accepted (export/onnx_export.py).
+CHECKS = {
+    "onnx_checker": "onnx.checker.check_model(full_check=True)",
+    "symbolic_axes": "every intended dynamic axis is a dim_param in the saved graph",
+    "denied_ops": sorted(DENIED_OPS),
+    "custom_domains": "refused",
+    "parity": "ONNX Runtime CPU vs eager fp32 at the export shape and two others; max abs and max abs / max |eager| per output",
+}
+
+
+def _manifest(model: ScanModel, records: dict[str, PieceExport], checkpoint_hash: str | None, tolerance: float) -> dict:
     import onnx
     import onnxruntime
 
@@ -138,16 +188,12 @@ def _manifest(model: ScanModel, records: dict[str, PieceExport], checkpoint_hash
     inf = cfg.inference
     pieces = {}
     for name, record in records.items():
-        pieces[name] = {
-            "file": record.path.name,
-            "sha256": sha256_file(record.path),
-            "opset": OPSET,
-            "op_count": record.op_count,
-            **_io_contract(record.path),
-            "parity": [asdict(p) for p in record.parity],
-        }
+        pieces[name] = _piece_entry(record, tolerance)
+        if record.fp16 is not None:
+            pieces[name]["fp16"] = _piece_entry(record.fp16, FP16_TOLERANCE)
     return {
         "schema_version": SCHEMA_VERSION,
+        "checks": CHECKS,
         "model": {"name": cfg.name, "config": cfg.to_dict(), "checkpoint_sha256": checkpoint_hash},
         "preprocess": {
             "pixel_mean": list(inf.pixel_mean),

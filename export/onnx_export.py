@@ -23,6 +23,9 @@ from scan_model.model import ScanModel
 from .pieces import PIECES, example_inputs
 
 OPSET = 18
+# Pieces whose weights exceed this go to ONNX external data (protobuf's limit is 2 GB).
+EXTERNAL_DATA_BYTES = 1_800_000_000
+FP16_TOLERANCE = 5e-2  # per piece, relative; the end-to-end fp16 goal is >= 99% identical labels
 # Ops that TensorRT rejects or that make shapes data-dependent (EXPORT_NOTES §1, §4.1).
 DENIED_OPS = frozenset({"DFT", "STFT", "NonZero", "Loop", "If", "RoiAlign", "Scan"})
 STANDARD_DOMAINS = frozenset({"", "ai.onnx"})
@@ -61,6 +64,13 @@ class PieceExport:
     op_types: dict[str, int]
     dynamic_axes: dict[str, list[str | int]]
     parity: list[ParityResult] = field(default_factory=list)
+    precision: str = "fp32"
+    external_data: bool = False
+    fp16: PieceExport | None = None  # the fp16 variant, when one was asked for
+
+    def files(self) -> list[Path]:
+        """The ONNX file and, for pieces over 2 GB, its external-data file."""
+        return [self.path, *([_data_path(self.path)] if self.external_data else [])]
 
     def worst_rel(self) -> float:
         return max((v for p in self.parity for v in p.max_rel.values()), default=0.0)
@@ -96,9 +106,21 @@ def dynamic_shapes(piece: str, model: ScanModel) -> dict:
     raise ValueError(f"unknown piece {piece!r}")
 
 
-def export_piece(model: ScanModel, piece: str, path: Path, example: Shape) -> PieceExport:
+def _data_path(path: Path) -> Path:
+    return path.with_name(path.name + ".data")
+
+
+def _weight_bytes(module: torch.nn.Module) -> int:
+    tensors = {t.data_ptr(): t for t in [*module.parameters(), *module.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def export_piece(
+    model: ScanModel, piece: str, path: Path, example: Shape, external_data_bytes: int = EXTERNAL_DATA_BYTES
+) -> PieceExport:
     """Export `piece` of `model` to `path` and run the structural checks (not parity)."""
     wrapper = PIECES[piece](model).eval()
+    external = _weight_bytes(wrapper) > external_data_bytes
     args = example_inputs(model, piece, example.height, example.width, example.classes, example.masks)
     shapes = dynamic_shapes(piece, model)
     start = time.perf_counter()
@@ -111,17 +133,33 @@ def export_piece(model: ScanModel, piece: str, path: Path, example: Shape) -> Pi
             input_names=list(wrapper.input_names),
             output_names=list(wrapper.output_names),
             dynamic_shapes=shapes,
-            external_data=False,
+            external_data=external,
             verbose=False,
         )
     except Exception as exc:  # the exporter raises many types; one clear line for the user
         raise ExportError(f"{piece}: torch.onnx.export failed: {str(exc).strip().splitlines()[0]}") from exc
-    program.save(str(path))
+    program.save(str(path), external_data=external)
     seconds = time.perf_counter() - start
-    proto = onnx.load(str(path))
-    record = PieceExport(piece, path, seconds, len(proto.graph.node), _op_histogram(proto), _graph_axes(proto))
-    check_graph(proto, piece, shapes, wrapper.input_names)
+    proto = onnx.load(str(path), load_external_data=False)
+    record = PieceExport(piece, path, seconds, len(proto.graph.node), _op_histogram(proto), _graph_axes(proto),
+                         external_data=external)
+    check_graph(proto, piece, shapes, wrapper.input_names, path)
     return record
+
+
+def export_fp16(record: PieceExport, path: Path) -> PieceExport:
+    """The fp16 variant of an exported fp32 piece (see export/fp16.py), with the same checks."""
+    from .fp16 import convert_to_fp16
+
+    start = time.perf_counter()
+    half = convert_to_fp16(onnx.load(str(record.path)), record.name)
+    external = record.external_data  # the fp16 variant keeps the layout of its fp32 source
+    onnx.save(half, str(path), save_as_external_data=external, location=_data_path(path).name)
+    fp16 = PieceExport(record.name, path, time.perf_counter() - start, len(half.graph.node), _op_histogram(half),
+                       _graph_axes(half), precision="fp16", external_data=external)
+    shapes = {name: {i: None for i, d in enumerate(dims) if isinstance(d, str)} for name, dims in record.dynamic_axes.items()}
+    check_graph(half, record.name, shapes, [v.name for v in half.graph.input], path)
+    return fp16
 
 
 def _op_histogram(proto: onnx.ModelProto) -> dict[str, int]:
@@ -145,10 +183,11 @@ def _graph_axes(proto: onnx.ModelProto) -> dict[str, list[str | int]]:
     return axes
 
 
-def check_graph(proto: onnx.ModelProto, piece: str, shapes: dict, input_names) -> None:
+def check_graph(proto: onnx.ModelProto, piece: str, shapes: dict, input_names, path: Path | None = None) -> None:
     """Full checker, symbolic intended axes, no denied operators or custom domains."""
     try:
-        onnx.checker.check_model(proto, full_check=True)
+        # The checker reads a path when weights live in external data (protos over 2 GB).
+        onnx.checker.check_model(str(path) if path is not None else proto, full_check=True)
     except onnx.checker.ValidationError as exc:
         raise ExportError(f"{piece}: onnx.checker failed: {str(exc).splitlines()[0]}") from None
     axes = _graph_axes(proto)
@@ -172,6 +211,8 @@ def ort_parity(model: ScanModel, record: PieceExport, shapes: list[Shape], provi
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if record.precision == "fp16":  # ORT 1.32's CPU NCHWc rewrite crashes on fp16 graphs (EXPORT_NOTES §2)
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     session = ort.InferenceSession(str(record.path), options, providers=list(providers))
     wrapper = PIECES[record.name](model).eval()
     results = []
@@ -209,14 +250,23 @@ def parity_gate(record: PieceExport, tolerance: float) -> None:
 
 
 def export_all(
-    model: ScanModel, out_dir: Path, example: Shape, checks: list[Shape], tolerance: float = 1e-3, pieces=tuple(PIECES)
+    model: ScanModel, out_dir: Path, example: Shape, checks: list[Shape], tolerance: float = 1e-3, pieces=tuple(PIECES),
+    fp16: bool = False, fp16_tolerance: float = FP16_TOLERANCE, external_data_bytes: int = EXTERNAL_DATA_BYTES,
 ) -> dict[str, PieceExport]:
-    """Each piece: export, structural checks, parity at the example and `checks` shapes, gate."""
+    """Each piece: export, structural checks, parity at the example and `checks` shapes, gate.
+
+    With `fp16`, each piece also gets an fp16 variant (`<piece>.fp16.onnx`), gated against
+    the fp32 eager model with `fp16_tolerance`.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     records = {}
     for piece in pieces:
-        record = export_piece(model, piece, out_dir / f"{piece}.onnx", example)
+        record = export_piece(model, piece, out_dir / f"{piece}.onnx", example, external_data_bytes)
         ort_parity(model, record, [example, *checks])
         parity_gate(record, tolerance)
+        if fp16:
+            record.fp16 = export_fp16(record, out_dir / f"{piece}.fp16.onnx")
+            ort_parity(model, record.fp16, [example, *checks])
+            parity_gate(record.fp16, fp16_tolerance)
         records[piece] = record
     return records

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -150,29 +150,69 @@ def run_convert(checkpoint: Path, config: str, out: Path) -> Path:
     return path
 
 
-def run_export(out: Path, checkpoint: Path | None, config: str | None, preset: str | None, vocab: str | None,
-               standard_vocabs: bool, seed: int) -> dict:
-    from export.bundle import check_destination, sha256_file, write_bundle
+@dataclass
+class ExportOptions:
+    out: Path
+    checkpoint: Path | None = None
+    config: str | None = None
+    preset: str | None = None
+    vocab: str | None = None
+    standard_vocabs: bool = False
+    seed: int = 0
+    precision: str = "fp32"
+    tensorrt: bool = False
+    trt_backend: str | None = None
+    trt_ranges: dict[str, str] = field(default_factory=dict)  # "min,opt,max" per dimension
+
+
+def _parse_range(name: str, text: str) -> tuple[int, int, int]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3:
+        raise ValueError(f"--trt-{name} {text!r}: give three integers min,opt,max (e.g. 320,640,1024)")
+    return values
+
+
+def run_export(opts: ExportOptions) -> dict:
+    from export.bundle import BundleError, check_destination, sha256_file, write_bundle
+    from export.tensorrt import ShapeRanges, load_tensorrt
 
     from .loading import load_model
 
-    if (checkpoint is None) == (preset is None):
+    if (opts.checkpoint is None) == (opts.preset is None):
         raise ValueError("pass either --checkpoint (with --config for an official SCAN.pth) or --preset")
+    if opts.precision not in ("fp32", "fp16"):
+        raise BundleError(f"--precision {opts.precision!r}: choose fp32 or fp16")
+    ranges = ShapeRanges(**{k: _parse_range(k, v) for k, v in opts.trt_ranges.items()})
+    if opts.tensorrt:  # fail before minutes of export when no TensorRT (or no GPU for it) is there
+        from export.engines import engine_folder
+
+        load_tensorrt((opts.trt_backend,) if opts.trt_backend else ("tensorrt", "tensorrt_rtx"))
+        engine_folder(opts.trt_backend, opts.precision)
     vocabularies = {}
-    if vocab:
-        names = parse_vocabulary(vocab)
-        key = str(vocab) if str(vocab) in benchmark_vocabularies() else "custom-" + _names_digest(names)
+    if opts.vocab:
+        names = parse_vocabulary(opts.vocab)
+        key = str(opts.vocab) if str(opts.vocab) in benchmark_vocabularies() else "custom-" + _names_digest(names)
         vocabularies[key] = names
-    if standard_vocabs:
+    if opts.standard_vocabs:
         vocabularies.update(benchmark_vocabularies())
-    check_destination(out)
-    loaded = load_model(checkpoint, config if checkpoint else preset, device="cpu", seed=seed)
-    digest = sha256_file(checkpoint) if checkpoint else None
-    manifest = write_bundle(loaded.model, out, digest, vocabularies)
+    check_destination(opts.out)
+    loaded = load_model(opts.checkpoint, opts.config if opts.checkpoint else opts.preset, device="cpu", seed=opts.seed)
+    digest = sha256_file(opts.checkpoint) if opts.checkpoint else None
+    manifest = write_bundle(loaded.model, opts.out, digest, vocabularies, precision=opts.precision,
+                            tensorrt=opts.tensorrt, ranges=ranges, trt_backend=opts.trt_backend, report=_say)
     for name, piece in manifest["pieces"].items():
         worst = max(v for p in piece["parity"] for v in p["max_rel"].values())
-        _say(f"{name}: {piece['op_count']} ops, parity worst {worst:.1e} over {len(piece['parity'])} shapes")
-    _say(f"bundle written to {out}")
+        line = f"{name}: {piece['op_count']} ops, parity worst {worst:.1e} over {len(piece['parity'])} shapes"
+        if "fp16" in piece:
+            worst16 = max(v for p in piece["fp16"]["parity"] for v in p["max_rel"].values())
+            line += f"; fp16 worst {worst16:.1e}"
+        _say(line)
+    for folder in manifest["engines"]:
+        _say(f"engines in {opts.out / 'engines' / folder}")
+    _say(f"bundle written to {opts.out}")
     return manifest
 
 

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import numpy as np
 import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper
 
-from export.onnx_export import DENIED_OPS, ExportError, Shape, check_graph, export_all
+import onnx_pipeline
+from export.onnx_export import DENIED_OPS, FP16_TOLERANCE, ExportError, Shape, check_graph, export_all
 from export.pieces import PIECES
-from scan_model.ensemble import ensemble_class_scores, semantic_map, upsample_masks
 from scan_model.loading import load_model
 from scan_model.synthetic import synthetic_scene
 
@@ -27,7 +26,7 @@ def tiny_model():
 @pytest.fixture(scope="module")
 def exported(tiny_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("onnx")
-    return export_all(tiny_model, out, EXAMPLE, CHECKS, tolerance=TOLERANCE)
+    return export_all(tiny_model, out, EXAMPLE, CHECKS, tolerance=TOLERANCE, fp16=True)
 
 
 def test_every_piece_exports_with_parity_at_three_shapes(exported):
@@ -64,54 +63,73 @@ def test_deny_list_and_fixed_axes_are_caught():
         check_graph(proto, "demo", {"x": {0: None}}, ["x"])
 
 
-def _sessions(exported):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return {name: ort.InferenceSession(str(r.path), options, providers=["CPUExecutionProvider"]) for name, r in exported.items()}
-
-
-@torch.no_grad()
-def _onnx_pipeline(model, sessions, image: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
-    """The whole pipeline from ONNX Runtime sessions; glue (normalise, upsample, ensemble) in torch."""
-    swin, clip_padded = model.normalise_and_pad(image)
-    clip_image = model.clip_input(clip_padded)
-    enc = sessions["image_encoder"].run(None, {"image": swin.numpy(), "clip_image": clip_image.numpy()})
-    mask_features, f0, f1, f2, context, global_cls, shift_tokens = enc
-    class_logits, mask_logits = sessions["mask_decoder"].run(None, {
-        "mask_features": mask_features, "features_0": f0, "features_1": f1, "features_2": f2,
-        "clip_context": context, "global_cls": global_cls, "text_classifier": classifier.numpy(),
-    })
-    size = tuple(image.shape[-2:])
-    probs = upsample_masks(torch.from_numpy(mask_logits), tuple(swin.shape[-2:]), size)[0].sigmoid()
-    thr = model.cfg.inference.mask_threshold
-    keep = (probs > thr).flatten(1).any(1)
-    region_logits = torch.zeros(probs.shape[0], classifier.shape[0])
-    if keep.any():
-        logits, valid = sessions["clip_adapter"].run(None, {
-            "image": image[0].numpy(), "mask_probs": probs[keep].numpy(), "mask_threshold": np.array(thr, np.float32),
-            "shift_tokens": shift_tokens[0], "text_classifier": classifier.numpy(),
-        })
-        assert valid.all()
-        region_logits[keep] = torch.from_numpy(logits)
-    scores = ensemble_class_scores(torch.from_numpy(class_logits[0]), region_logits, keep, model.cfg.inference.ensemble_weight)
-    return semantic_map(scores, probs)
+def _files(exported, fp16=False):
+    return {name: (r.fp16 if fp16 else r).path for name, r in exported.items()}
 
 
 @pytest.mark.parametrize("size", [(96, 128), (70, 101), (128, 96)])  # one non-square, one needing padding
 def test_assembled_onnx_pipeline_matches_eager_labels(tiny_model, exported, size):
-    sessions = _sessions(exported)
+    sessions = onnx_pipeline.sessions(_files(exported))
     image = torch.from_numpy(synthetic_scene(*size, seed=3).copy()).permute(2, 0, 1)[None].float()
     names = ["sky", "grass", "house", "sun", "ball"]
-    tokens_check = exported["text_encoder"]
-    assert tokens_check.path.is_file()
     classifier = tiny_model.text_classifier(tiny_model.encode_text(names))
+    onnx_text = onnx_pipeline.onnx_classifier(tiny_model, sessions["text_encoder"], names)
+    assert float((onnx_text - classifier).abs().max()) < 1e-5
     eager = tiny_model(image, classifier).sem_seg
-    onnx_map = _onnx_pipeline(tiny_model, sessions, image, classifier)
+    onnx_map = onnx_pipeline.onnx_pipeline(tiny_model, sessions, image, onnx_text)
     agreement = float((eager.argmax(0) == onnx_map.argmax(0)).double().mean())
     print(f"{size}: label agreement {agreement:.5f}, sem_seg max rel {float((eager - onnx_map).abs().max() / eager.abs().max()):.1e}")
     assert agreement >= 0.999
+
+
+def test_fp16_pieces_keep_fp32_islands_and_pass_their_gate(exported):
+    from export.fp16 import half_fraction
+
+    for name, record in exported.items():
+        half = onnx.load(str(record.fp16.path))
+        assert record.fp16.worst_rel() <= FP16_TOLERANCE, name
+        print(f"{name}: fp16 worst rel {record.fp16.worst_rel():.1e}, {half_fraction(half):.0%} of weight bytes in fp16")
+        assert half_fraction(half) > 0.7, name  # most weights are stored in fp16 ...
+        types = _value_types(half)
+        for node in half.graph.node:  # ... while LayerNorm, softmax and GridSample compute in fp32
+            if node.op_type in ("LayerNormalization", "Softmax", "GridSample"):
+                assert types[node.input[0]] == TensorProto.FLOAT, (name, node.name)
+        io = [*half.graph.input, *half.graph.output]
+        assert [v.type.tensor_type.elem_type for v in io] == [v.type.tensor_type.elem_type for v in
+                                                               [*onnx.load(str(record.path)).graph.input, *onnx.load(str(record.path)).graph.output]]
+
+
+def test_fp16_keeps_lfm_and_crop_arithmetic_in_fp32(exported):
+    from export.fp16 import fp16_nodes
+
+    encoder = onnx.load(str(exported["image_encoder"].path))
+    lfm = [i for i, n in enumerate(encoder.graph.node) if any("calibration.lfm" in p.value for p in n.metadata_props)]
+    assert lfm and not set(lfm) & fp16_nodes(encoder, "image_encoder")
+    adapter = onnx.load(str(exported["clip_adapter"].path))
+    outside_clip = [i for i, n in enumerate(adapter.graph.node)
+                    if not any("model.clip.visual" in p.value for p in n.metadata_props)]
+    assert outside_clip and not set(outside_clip) & fp16_nodes(adapter, "clip_adapter")
+
+
+def _value_types(proto):
+    inferred = onnx.shape_inference.infer_shapes(proto)
+    types = {v.name: v.type.tensor_type.elem_type for v in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]}
+    types.update({i.name: i.data_type for i in proto.graph.initializer})
+    return types
+
+
+def test_fp16_pipeline_labels(tiny_model, exported):
+    """DESIGN.md: fp16 engines give identical labels on >= 99% of pixels; here the fp16 graphs on ORT CPU."""
+    sessions = onnx_pipeline.sessions(_files(exported, fp16=True), fp16=True)
+    names = ["sky", "grass", "house", "sun", "ball"]
+    classifier = tiny_model.text_classifier(tiny_model.encode_text(names))
+    for size in ((96, 128), (128, 96)):
+        image = torch.from_numpy(synthetic_scene(*size, seed=3).copy()).permute(2, 0, 1)[None].float()
+        eager = tiny_model(image, classifier).sem_seg
+        fp16_map = onnx_pipeline.onnx_pipeline(tiny_model, sessions, image, classifier)
+        agreement = float((eager.argmax(0) == fp16_map.argmax(0)).double().mean())
+        print(f"fp16 {size}: label agreement {agreement:.5f}")
+        assert agreement >= 0.99
 
 
 def test_tensorrt_rtx_gate_builds_every_piece(exported):
@@ -121,9 +139,10 @@ def test_tensorrt_rtx_gate_builds_every_piece(exported):
 
     ranges = ShapeRanges(height=(64, 320, 640), width=(64, 320, 640), classes=(1, 10, 200), masks=(1, 16, 100))
     for name, record in exported.items():
-        result = build_engine(record.path, name, ranges, backend="tensorrt_rtx")
-        print(result.summary())
-        assert result.built, result.summary()
+        for precision, piece in (("fp32", record), ("fp16", record.fp16)):
+            result = build_engine(piece.path, name, ranges, backend="tensorrt_rtx", precision=precision)
+            print(precision, result.summary())
+            assert result.built, result.summary()
 
 
 def test_tensorrt_gate_reports_rejected_nodes(tmp_path):

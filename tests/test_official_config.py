@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from scan_model.official_config import ConfigError, config_from_official, load_config, read_yaml
+from scan_model.official_config import ConfigError, load_config, read_yaml
 from scan_model.presets import PRESETS, apply_benchmark_settings, preset
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "official_configs"

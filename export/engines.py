@@ -1,0 +1,83 @@
+"""`scan export --tensorrt`: one engine per piece under `engines/<gpu>-trt<version>-<precision>/`.
+
+Engines are tied to a TensorRT version and a GPU, so each build goes to a folder named after
+both and never overwrites another's. Standard TensorRT builds for the GPU it runs on and
+needs one; TensorRT-RTX builds ahead of time without a GPU (folder `aot-...`), which is
+what the compatibility gate uses on machines like CI.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import onnx
+
+from .tensorrt import BuildResult, ShapeRanges, build_engine, gpu_identity, load_tensorrt, piece_profiles, trt_version
+
+
+class EngineBuildError(RuntimeError):
+    """A piece that TensorRT rejected; the message lists the rejected nodes."""
+
+
+def engine_folder(backend: str | None, precision: str) -> tuple[str, dict]:
+    """The folder name for this machine and TensorRT, and what it stands for."""
+    trt, name = load_tensorrt((backend,) if backend else ("tensorrt", "tensorrt_rtx"))
+    gpu, description = gpu_identity()
+    if gpu is None:
+        if name == "tensorrt":
+            raise EngineBuildError(
+                f"TensorRT builds engines for the GPU it runs on, and {description}: run --tensorrt on the "
+                "GPU host, or install tensorrt-rtx to build ahead of time without a GPU"
+            )
+        gpu, description = "aot", f"ahead-of-time build without a GPU ({description})"
+    folder = f"{gpu}-{trt_version(trt, name)}-{precision}"
+    return folder, {"backend": name, "version": trt.__version__, "gpu": description, "precision": precision}
+
+
+def build_bundle_engines(
+    root: Path, onnx_files: dict[str, Path], ranges: ShapeRanges, precision: str, backend: str | None = None,
+    report=print,
+) -> dict:
+    """Build every piece's engine into `root/engines/<folder>/`; the manifest's record of them."""
+    folder, info = engine_folder(backend, precision)
+    target = root / "engines" / folder
+    target.mkdir(parents=True, exist_ok=True)
+    cache = target / "timing.cache" if info["backend"] == "tensorrt" else None
+    pieces, failures = {}, []
+    for piece, path in onnx_files.items():
+        result: BuildResult = build_engine(path, piece, ranges, info["backend"], keep_engine=True,
+                                           precision=precision, timing_cache=cache)
+        report(result.summary())
+        if not result.built:
+            failures.append(result.summary())
+            continue
+        plan = target / f"{piece}.plan"
+        plan.write_bytes(result.engine)
+        proto = onnx.load(str(path), load_external_data=False)
+        pieces[piece] = {
+            "file": plan.relative_to(root).as_posix(),
+            "onnx": path.name,
+            "bytes": result.engine_bytes,
+            "profile": {name: {"min": list(low), "opt": list(opt), "max": list(high)}
+                        for name, (low, opt, high) in piece_profiles(piece, proto, ranges).items()},
+        }
+    if failures:
+        raise EngineBuildError("TensorRT could not build every piece: " + " | ".join(failures))
+    return {folder: {**info, "ranges": asdict(ranges), "timing_cache": cache.relative_to(root).as_posix() if cache else None,
+                     "pieces": pieces}}
+
+
+def gate_bundle(root: Path, precision: str = "fp32", ranges: ShapeRanges | None = None, backend: str | None = None,
+                build: bool = True) -> list[BuildResult]:
+    """The compatibility gate on an existing bundle: parse (and build) every piece; nothing written."""
+    import json
+
+    manifest = json.loads((root / "manifest.json").read_text())
+    results = []
+    for piece, entry in manifest["pieces"].items():
+        if precision == "fp16" and "fp16" not in entry:
+            raise EngineBuildError(f"{root} holds no fp16 pieces: export it with --precision fp16")
+        file = root / (entry["fp16"] if precision == "fp16" else entry)["file"]
+        results.append(build_engine(file, piece, ranges or ShapeRanges(), backend, precision=precision, parse_only=not build))
+    return results
