@@ -3,6 +3,11 @@
 Random weights by default (the numbers describe the graphs, not a trained model). The ONNX
 files go to a temporary folder and are removed afterwards; only the report is kept.
 
+For scale, each piece also reports its eager sensitivity: how far eager's own outputs move
+when its float inputs are perturbed by 1e-7 relative noise (float rounding). A parity value
+of that size is the model's conditioning (e.g. masked-attention blocks at `sigmoid == 0.5`
+flipping), not a difference introduced by the export.
+
     python -m benchmarks.export_report --preset vitb --shape 320x480 --classes 10 --masks 8 \
         --json benchmarks/results/export_vitb.json
 """
@@ -40,6 +45,7 @@ def measure(preset: str, shapes: list[tuple[int, int]], classes: int, masks: int
                 "export_s": round(r.seconds, 1),
                 "parity": [{"shape": p.shape, "max_rel": p.max_rel, "max_abs": p.max_abs} for p in r.parity],
                 "worst_rel": r.worst_rel(),
+                "eager_sensitivity_1e-7": eager_sensitivity(model, name, points[0]),
             }
             for name, r in records.items()
         }
@@ -51,6 +57,25 @@ def measure(preset: str, shapes: list[tuple[int, int]], classes: int, masks: int
         "pieces": pieces,
         "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
         "cpu": platform.processor() or platform.machine(),
+    }
+
+
+def eager_sensitivity(model, piece: str, shape, noise: float = 1e-7, seed: int = 5) -> dict[str, float]:
+    """Max relative change of each eager output under `noise` relative perturbation of the float inputs."""
+    import torch
+
+    from export.pieces import PIECES, example_inputs
+
+    wrapper = PIECES[piece](model).eval()
+    args = example_inputs(model, piece, shape.height, shape.width, shape.classes, shape.masks, seed=1)
+    gen = torch.Generator().manual_seed(seed)
+    noisy = [a * (1 + noise * torch.randn(a.shape, generator=gen)) if a.is_floating_point() and a.dim() else a for a in args]
+    with torch.no_grad():
+        ref, out = wrapper(*args), wrapper(*noisy)
+    ref, out = (ref, out) if isinstance(ref, tuple) else ((ref,), (out,))
+    return {
+        name: float((o.double() - r.double()).abs().max() / r.double().abs().max().clamp_min(1e-30))
+        for name, o, r in zip(wrapper.output_names, out, ref) if r.is_floating_point()
     }
 
 

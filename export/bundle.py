@@ -109,7 +109,13 @@ def write_bundle(
         raise BundleError(f"precision {precision!r}: choose fp32 or fp16")
     out = Path(out)
     check_destination(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.resolve().parent))
+    parent = out.resolve().parent
+    for stale in parent.glob(f".{out.name}.*.tmp"):  # left by an export that was killed outright
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
+    except OSError as exc:
+        raise BundleError(f"cannot create the bundle in {parent} ({exc.strerror}): choose a writable folder") from None
     try:
         records = export_all(model, tmp, example, list(checks), tolerance, pieces, fp16=precision == "fp16",
                              external_data_bytes=external_data_bytes)

@@ -108,3 +108,42 @@ def test_bundle_folder_is_not_private(model, tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
+
+
+def test_export_refuses_unwritable_folders_and_wrong_checkpoints(official_dev, tmp_path):
+    import os
+
+    import torch
+
+    runner = CliRunner()
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    # As root every folder is writable; /proc refuses new folders for everyone.
+    target = locked / "bundle" if not os.access(locked, os.W_OK) else __import__("pathlib").Path("/proc/scan-bundle")
+    result = runner.invoke(app, ["export", "--preset", "tiny", "--out", str(target)])
+    assert result.exit_code == 2 and ("permission denied" in result.stderr or "writable" in result.stderr), result.output
+    state = dict(official_dev.state_dict)
+    state["sem_seg_head.predictor.query_feat.weight"] = torch.zeros(50, 64)
+    bad = tmp_path / "bad.pth"
+    torch.save({"model": state}, bad)
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["export", "--checkpoint", str(bad), "--config", "tiny", "--out", str(out)])
+    assert result.exit_code == 2 and "query_feat" in result.stderr and "(50, 64)" in result.stderr, result.output
+    assert not out.exists() and not list(tmp_path.glob(".out.*"))
+
+
+def test_interrupted_export_keeps_previous_bundle(model, tmp_path):
+    """Ctrl-C (here raised from the progress report of the engine build) leaves the old bundle."""
+    pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx not installed (pip install 'scan-deploy[dev]')")
+    out = tmp_path / "bundle"
+    write_bundle(model, out, "first", {}, **SMALL)
+    before = (out / MANIFEST).read_bytes()
+
+    def interrupt(line):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_bundle(model, out, "second", {}, tensorrt=True, trt_backend="tensorrt_rtx", report=interrupt, **SMALL)
+    assert (out / MANIFEST).read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
