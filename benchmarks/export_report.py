@@ -30,6 +30,7 @@ def measure(preset: str, shapes: list[tuple[int, int]], classes: int, masks: int
     import torch
 
     from export.onnx_export import Shape, export_all
+    from export.pieces import PIECES
     from scan_model.loading import load_model
 
     torch.set_num_threads(threads)
@@ -49,14 +50,38 @@ def measure(preset: str, shapes: list[tuple[int, int]], classes: int, masks: int
             }
             for name, r in records.items()
         }
+        pipeline = pipeline_agreement(model, records, points[0]) if set(records) == set(PIECES) else None
     return {
         "preset": preset,
         "weights": "random (seed %d)" % seed,
         "threads": threads,
         "total_s": round(time.perf_counter() - start, 1),
         "pieces": pieces,
+        "pipeline_vs_eager": pipeline,
         "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
         "cpu": platform.processor() or platform.machine(),
+    }
+
+
+def pipeline_agreement(model, records, shape) -> dict:
+    """Label maps of the pipeline assembled from ONNX Runtime sessions against eager, on a drawn scene."""
+    import torch
+
+    from export import ort_pipeline
+    from runtime.vocab import benchmark_vocabularies
+    from scan_model.synthetic import synthetic_scene
+
+    names = benchmark_vocabularies()["ade150"][: shape.classes]
+    sessions = ort_pipeline.sessions({name: r.path for name, r in records.items()})
+    image = torch.from_numpy(synthetic_scene(shape.height, shape.width, seed=3).copy()).permute(2, 0, 1)[None].float()
+    with torch.no_grad():
+        eager = model(image, model.text_classifier(model.encode_text(names))).sem_seg
+    classifier = ort_pipeline.onnx_classifier(model, sessions["text_encoder"], names)
+    onnx_map = ort_pipeline.onnx_pipeline(model, sessions, image, classifier)
+    return {
+        "image": f"synthetic scene {shape.height}x{shape.width}, {len(names)} ade150 names",
+        "label_agreement": float((eager.argmax(0) == onnx_map.argmax(0)).double().mean()),
+        "sem_seg_max_rel": float((eager - onnx_map).abs().max() / eager.abs().max()),
     }
 
 

@@ -150,7 +150,7 @@ def compare_with_official(case_dir: str | Path) -> FidelityReport:
 
     # Conditioned run: move each flipped pixel just across the threshold to the official side.
     thr = model.cfg.inference.mask_threshold
-    resolved, rep.near_threshold_flips = _resolve_flips(mask_probs, batch.areas, ref_area, thr)
+    resolved, rep.near_threshold_flips = resolve_threshold_flips(mask_probs, batch.areas, ref_area, thr)
     regions = model.classify_regions(image[0], resolved, classifier, gc.layer_cls[0])
     c = rep.conditioned_rel
     c["region_clip.image_features_unnorm"] = rel_diff(regions.image_features, exp["region_clip.image_features_unnorm"])
@@ -162,7 +162,7 @@ def compare_with_official(case_dir: str | Path) -> FidelityReport:
     return rep
 
 
-def _resolve_flips(mask_probs, areas, ref_areas, thr: float, eps: float = 1e-5):
+def resolve_threshold_flips(mask_probs, areas, ref_areas, thr: float, eps: float = 1e-5):
     """Copy of `mask_probs` whose threshold decisions give the official areas.
 
     For each mask whose area differs by n pixels, the n pixels nearest the threshold on the

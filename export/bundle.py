@@ -118,7 +118,7 @@ def write_bundle(
         raise BundleError(f"cannot create the bundle in {parent} ({exc.strerror}): choose a writable folder") from None
     try:
         records = export_all(model, tmp, example, list(checks), tolerance, pieces, fp16=precision == "fp16",
-                             external_data_bytes=external_data_bytes)
+                             external_data_bytes=external_data_bytes, report=report)
         manifest = _manifest(model, records, checkpoint_hash, tolerance)
         manifest["text_caches"] = _text_caches(model, tmp, vocabularies, manifest)
         manifest["engines"] = {}

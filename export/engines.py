@@ -74,10 +74,13 @@ def gate_bundle(root: Path, precision: str = "fp32", ranges: ShapeRanges | None 
     import json
 
     manifest = json.loads((root / "manifest.json").read_text())
+    if ranges is None:  # the profile of the bundle's own engines, if it has some
+        recorded = [e["ranges"] for e in manifest.get("engines", {}).values() if e["precision"] == precision]
+        ranges = ShapeRanges(**{k: tuple(v) for k, v in recorded[0].items()}) if recorded else ShapeRanges()
     results = []
     for piece, entry in manifest["pieces"].items():
         if precision == "fp16" and "fp16" not in entry:
             raise EngineBuildError(f"{root} holds no fp16 pieces: export it with --precision fp16")
         file = root / (entry["fp16"] if precision == "fp16" else entry)["file"]
-        results.append(build_engine(file, piece, ranges or ShapeRanges(), backend, precision=precision, parse_only=not build))
+        results.append(build_engine(file, piece, ranges, backend, precision=precision, parse_only=not build))
     return results

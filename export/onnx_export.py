@@ -252,6 +252,7 @@ def parity_gate(record: PieceExport, tolerance: float) -> None:
 def export_all(
     model: ScanModel, out_dir: Path, example: Shape, checks: list[Shape], tolerance: float = 1e-3, pieces=tuple(PIECES),
     fp16: bool = False, fp16_tolerance: float = FP16_TOLERANCE, external_data_bytes: int = EXTERNAL_DATA_BYTES,
+    report=None,
 ) -> dict[str, PieceExport]:
     """Each piece: export, structural checks, parity at the example and `checks` shapes, gate.
 
@@ -264,9 +265,14 @@ def export_all(
         record = export_piece(model, piece, out_dir / f"{piece}.onnx", example, external_data_bytes)
         ort_parity(model, record, [example, *checks])
         parity_gate(record, tolerance)
+        line = (f"{piece}: {record.op_count} ops, {sum(f.stat().st_size for f in record.files()) / 1e6:.1f} MB, "
+                f"exported in {record.seconds:.0f} s, parity worst {record.worst_rel():.1e} over {len(record.parity)} shapes")
         if fp16:
             record.fp16 = export_fp16(record, out_dir / f"{piece}.fp16.onnx")
             ort_parity(model, record.fp16, [example, *checks])
             parity_gate(record.fp16, fp16_tolerance)
+            line += f"; fp16 worst {record.fp16.worst_rel():.1e}"
+        if report is not None:
+            report(line)
         records[piece] = record
     return records

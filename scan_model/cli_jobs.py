@@ -203,13 +203,6 @@ def run_export(opts: ExportOptions) -> dict:
     digest = sha256_file(opts.checkpoint) if opts.checkpoint else None
     manifest = write_bundle(loaded.model, opts.out, digest, vocabularies, precision=opts.precision,
                             tensorrt=opts.tensorrt, ranges=ranges, trt_backend=opts.trt_backend, report=_say)
-    for name, piece in manifest["pieces"].items():
-        worst = max(v for p in piece["parity"] for v in p["max_rel"].values())
-        line = f"{name}: {piece['op_count']} ops, parity worst {worst:.1e} over {len(piece['parity'])} shapes"
-        if "fp16" in piece:
-            worst16 = max(v for p in piece["fp16"]["parity"] for v in p["max_rel"].values())
-            line += f"; fp16 worst {worst16:.1e}"
-        _say(line)
     for folder in manifest["engines"]:
         _say(f"engines in {opts.out / 'engines' / folder}")
     _say(f"bundle written to {opts.out}")

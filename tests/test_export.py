@@ -7,7 +7,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-import onnx_pipeline
+from export import ort_pipeline
 from export.onnx_export import DENIED_OPS, FP16_TOLERANCE, ExportError, Shape, check_graph, export_all
 from export.pieces import PIECES
 from scan_model.loading import load_model
@@ -69,14 +69,14 @@ def _files(exported, fp16=False):
 
 @pytest.mark.parametrize("size", [(96, 128), (70, 101), (128, 96)])  # one non-square, one needing padding
 def test_assembled_onnx_pipeline_matches_eager_labels(tiny_model, exported, size):
-    sessions = onnx_pipeline.sessions(_files(exported))
+    sessions = ort_pipeline.sessions(_files(exported))
     image = torch.from_numpy(synthetic_scene(*size, seed=3).copy()).permute(2, 0, 1)[None].float()
     names = ["sky", "grass", "house", "sun", "ball"]
     classifier = tiny_model.text_classifier(tiny_model.encode_text(names))
-    onnx_text = onnx_pipeline.onnx_classifier(tiny_model, sessions["text_encoder"], names)
+    onnx_text = ort_pipeline.onnx_classifier(tiny_model, sessions["text_encoder"], names)
     assert float((onnx_text - classifier).abs().max()) < 1e-5
     eager = tiny_model(image, classifier).sem_seg
-    onnx_map = onnx_pipeline.onnx_pipeline(tiny_model, sessions, image, onnx_text)
+    onnx_map = ort_pipeline.onnx_pipeline(tiny_model, sessions, image, onnx_text)
     agreement = float((eager.argmax(0) == onnx_map.argmax(0)).double().mean())
     print(f"{size}: label agreement {agreement:.5f}, sem_seg max rel {float((eager - onnx_map).abs().max() / eager.abs().max()):.1e}")
     assert agreement >= 0.999
@@ -120,13 +120,13 @@ def _value_types(proto):
 
 def test_fp16_pipeline_labels(tiny_model, exported):
     """DESIGN.md: fp16 engines give identical labels on >= 99% of pixels; here the fp16 graphs on ORT CPU."""
-    sessions = onnx_pipeline.sessions(_files(exported, fp16=True), fp16=True)
+    sessions = ort_pipeline.sessions(_files(exported, fp16=True), fp16=True)
     names = ["sky", "grass", "house", "sun", "ball"]
     classifier = tiny_model.text_classifier(tiny_model.encode_text(names))
     for size in ((96, 128), (128, 96)):
         image = torch.from_numpy(synthetic_scene(*size, seed=3).copy()).permute(2, 0, 1)[None].float()
         eager = tiny_model(image, classifier).sem_seg
-        fp16_map = onnx_pipeline.onnx_pipeline(tiny_model, sessions, image, classifier)
+        fp16_map = ort_pipeline.onnx_pipeline(tiny_model, sessions, image, classifier)
         agreement = float((eager.argmax(0) == fp16_map.argmax(0)).double().mean())
         print(f"fp16 {size}: label agreement {agreement:.5f}")
         assert agreement >= 0.99

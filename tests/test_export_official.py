@@ -11,9 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import onnx_pipeline
-from benchmarks.fidelity import _resolve_flips
+from benchmarks.fidelity import resolve_threshold_flips
 from conftest import rel_diff
+from export import ort_pipeline
 from export.onnx_export import Shape, export_all
 from runtime.images import load_image
 from scan_model.loading import load_model
@@ -41,14 +41,14 @@ def test_official_pieces_pass_parity_at_three_shapes(case):
 def test_onnx_pipeline_reproduces_official_sem_seg(case, official_dev):
     model, records = case
     exp = official_dev.expected
-    sessions = onnx_pipeline.sessions({n: r.path for n, r in records.items()})
-    classifier = onnx_pipeline.onnx_classifier(model, sessions["text_encoder"], official_dev.classes)
+    sessions = ort_pipeline.sessions({n: r.path for n, r in records.items()})
+    classifier = ort_pipeline.onnx_classifier(model, sessions["text_encoder"], official_dev.classes)
     assert rel_diff(classifier, exp["text_features"]) <= 1e-4
     image = torch.from_numpy(load_image(official_dev.root / "image.png")).permute(2, 0, 1)[None].float()
-    class_logits, probs, shift_tokens = onnx_pipeline.encode_and_decode(model, sessions, image, classifier)
+    class_logits, probs, shift_tokens = ort_pipeline.encode_and_decode(model, sessions, image, classifier)
     assert rel_diff(class_logits, exp["pred_logits.calibrated"][0]) <= 1e-4
 
-    sem_seg = onnx_pipeline.classify_and_merge(model, sessions, image, classifier, class_logits, probs, shift_tokens)
+    sem_seg = ort_pipeline.classify_and_merge(model, sessions, image, classifier, class_logits, probs, shift_tokens)
     raw = float((sem_seg.argmax(0) == exp["sem_seg.argmax"]).double().mean())
     thr = model.cfg.inference.mask_threshold
     areas = (probs > thr).flatten(1).sum(1)
@@ -56,8 +56,8 @@ def test_onnx_pipeline_reproduces_official_sem_seg(case, official_dev):
     for q in (areas != ref_areas).nonzero().flatten().tolist():
         gap = float((probs[q] - thr).abs().min())
         print(f"query {q}: area {int(areas[q])} vs official {int(ref_areas[q])}, closest |p - thr| {gap:.1e}")
-    resolved, explained = _resolve_flips(probs, areas, ref_areas, thr, eps=NEAR)
-    conditioned = onnx_pipeline.classify_and_merge(model, sessions, image, classifier, class_logits, resolved, shift_tokens)
+    resolved, explained = resolve_threshold_flips(probs, areas, ref_areas, thr, eps=NEAR)
+    conditioned = ort_pipeline.classify_and_merge(model, sessions, image, classifier, class_logits, resolved, shift_tokens)
     agreement = float((conditioned.argmax(0) == exp["sem_seg.argmax"]).double().mean())
     flips = int((areas != exp["clip_adapter.mask_bin.area"]).sum())
     print(f"raw argmax {raw:.5f} ({flips} masks differ in area), conditioned {agreement:.5f}, "

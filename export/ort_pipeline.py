@@ -1,7 +1,8 @@
-"""The whole SCAN pipeline assembled from ONNX Runtime sessions of the exported pieces.
+"""The whole SCAN pipeline assembled from ONNX Runtime sessions, for checking an export.
 
-Test glue only: the runtime package will hold the torch-free version. Normalisation,
-upsampling and the ensemble reuse the eager code so that the comparison isolates the graphs.
+A verification tool (tests, benchmarks/export_report.py), not the runtime: normalisation,
+upsampling and the ensemble reuse the eager code, so that a comparison with eager isolates
+the graphs. The torch-free pipeline belongs to `runtime/`.
 """
 
 from __future__ import annotations
