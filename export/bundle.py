@@ -22,7 +22,7 @@ import torch
 from scan_model.model import ScanModel
 from scan_model.text import VILD_TEMPLATES, encode_class_names
 
-from .onnx_export import DENIED_OPS, EXTERNAL_DATA_BYTES, FP16_TOLERANCE, OPSET, PieceExport, Shape, export_all
+from .onnx_export import DENIED_OPS, EXTERNAL_DATA_BYTES, FP16_TOLERANCE, OPSET, ExportError, PieceExport, Shape, export_all
 from .pieces import PIECES
 from .tensorrt import ShapeRanges
 
@@ -120,6 +120,7 @@ def write_bundle(
         records = export_all(model, tmp, example, list(checks), tolerance, pieces, fp16=precision == "fp16",
                              external_data_bytes=external_data_bytes, report=report)
         manifest = _manifest(model, records, checkpoint_hash, tolerance)
+        manifest["pipeline_check"] = _pipeline_check(model, records, [example, *checks], precision, report)
         manifest["text_caches"] = _text_caches(model, tmp, vocabularies, manifest)
         manifest["engines"] = {}
         if tensorrt:
@@ -138,6 +139,27 @@ def write_bundle(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def _pipeline_check(model: ScanModel, records: dict, shapes: list[Shape], precision: str, report) -> dict:
+    """End-to-end gate: the assembled ONNX Runtime pipeline gives eager's labels (needs all pieces)."""
+    if set(records) != set(PIECES):
+        return {}
+    from runtime.vocab import benchmark_vocabularies
+
+    from .ort_pipeline import pipeline_check
+
+    vocabulary = benchmark_vocabularies()["ade150"][:10]
+    results = {}
+    for variant in ("fp32", "fp16") if precision == "fp16" else ("fp32",):
+        results[variant] = pipeline_check(model, records, shapes, variant, vocabulary)
+        worst = min(r["label_agreement"] for r in results[variant])
+        report(f"pipeline ({variant}): labels identical to eager on {worst:.4%} of pixels or more over {len(shapes)} scenes")
+        failed = [r for r in results[variant] if not r["label_agreement"] >= r["required"]]
+        if failed:
+            raise ExportError(f"the assembled {variant} pipeline differs from eager: " + "; ".join(
+                f"{r['image']}: {r['label_agreement']:.4%} identical labels, need {r['required']:.1%}" for r in failed))
+    return results
 
 
 def _make_shareable(folder: Path) -> None:

@@ -111,3 +111,23 @@ def test_large_pieces_go_to_external_data(model, tmp_path):
     manifest = write_bundle(model, tmp_path / "bundle", None, {}, external_data_bytes=0, **SMALL)
     entry = manifest["pieces"]["text_encoder"]["external_data"]
     assert entry["sha256"] == sha256_file(tmp_path / "bundle" / entry["file"])
+
+
+@needs_rtx
+def test_cli_full_export_fp16_with_engines(tmp_path):
+    """The README's command end to end: four pieces, fp16 variants, pipeline gate, engines, text cache."""
+    out = tmp_path / "bundle"
+    result = CliRunner().invoke(app, [
+        "export", "--preset", "tiny", "--out", str(out), "--vocab", "voc20", "--precision", "fp16", "--tensorrt",
+        "--trt-backend", "tensorrt_rtx", "--trt-height", "64,320,640", "--trt-width", "64,320,640",
+    ])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert set(manifest["pieces"]) == {"image_encoder", "mask_decoder", "clip_adapter", "text_encoder"}
+    for variant, required in (("fp32", 0.999), ("fp16", 0.99)):
+        checks = manifest["pipeline_check"][variant]
+        assert len(checks) == 3 and all(c["label_agreement"] >= required for c in checks), checks
+    (folder, engines), = manifest["engines"].items()
+    assert folder.endswith("-fp16") and len(engines["pieces"]) == 4
+    assert all((out / e["file"]).is_file() and e["onnx"].endswith(".fp16.onnx") for e in engines["pieces"].values())
+    assert "voc20" in manifest["text_caches"] and "pipeline (fp16)" in result.output
