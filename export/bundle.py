@@ -42,6 +42,11 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def check_precision(precision: str) -> None:
+    if precision not in ("fp32", "fp16"):
+        raise BundleError(f"--precision {precision!r}: choose fp32 or fp16")
+
+
 def check_destination(out: Path) -> None:
     """Refuse paths inside an existing bundle, non-bundle folders with content, unwritable parents."""
     out = out.resolve()
@@ -105,8 +110,7 @@ def write_bundle(
     `precision="fp16"` adds an fp16 variant of every piece (for TensorRT; ONNX Runtime on
     CPU uses the fp32 files); `tensorrt` builds engines from the pieces of that precision.
     """
-    if precision not in ("fp32", "fp16"):
-        raise BundleError(f"precision {precision!r}: choose fp32 or fp16")
+    check_precision(precision)
     out = Path(out)
     check_destination(out)
     parent = out.resolve().parent
@@ -150,9 +154,8 @@ def _pipeline_check(model: ScanModel, records: dict, shapes: list[Shape], precis
     from .ort_pipeline import pipeline_check
 
     vocabulary = benchmark_vocabularies()["ade150"][:10]
-    results = {}
-    for variant in ("fp32", "fp16") if precision == "fp16" else ("fp32",):
-        results[variant] = pipeline_check(model, records, shapes, variant, vocabulary)
+    results = pipeline_check(model, records, shapes, ("fp32", "fp16") if precision == "fp16" else ("fp32",), vocabulary)
+    for variant in results:
         worst = min(r["label_agreement"] for r in results[variant])
         report(f"pipeline ({variant}): labels identical to eager on {worst:.4%} of pixels or more over {len(shapes)} scenes")
         failed = [r for r in results[variant] if not r["label_agreement"] >= r["required"]]

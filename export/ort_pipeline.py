@@ -76,24 +76,28 @@ def onnx_pipeline(model, sessions, image: torch.Tensor, classifier: torch.Tensor
 PIPELINE_AGREEMENT = {"fp32": 0.999, "fp16": 0.99}  # DESIGN.md: identical labels, fp32 / fp16
 
 
-def pipeline_check(model, records: dict, shapes: list, precision: str, vocabulary: list[str]) -> list[dict]:
-    """Label maps of the assembled pipeline against eager on drawn scenes, one per shape.
+def pipeline_check(model, records: dict, shapes: list, variants: tuple[str, ...], vocabulary: list[str]) -> dict[str, list[dict]]:
+    """Label maps of the assembled pipeline against eager on drawn scenes, one per shape and variant.
 
-    Uses the eager text classifier, so the check isolates the image pieces and their glue.
+    Uses the eager text classifier, so the check isolates the image pieces and their glue;
+    eager runs once per scene and serves every variant (fp32, fp16).
     """
     from scan_model.synthetic import synthetic_scene
 
-    files = {name: (r.fp16 if precision == "fp16" else r).path for name, r in records.items()}
-    runners = sessions(files, fp16=precision == "fp16")
+    runners = {
+        v: sessions({name: (r.fp16 if v == "fp16" else r).path for name, r in records.items()}, fp16=v == "fp16")
+        for v in variants
+    }
     with torch.no_grad():
         classifier = model.text_classifier(model.encode_text(vocabulary))
-    results = []
+    results: dict[str, list[dict]] = {v: [] for v in variants}
     for shape in shapes:
         image = torch.from_numpy(synthetic_scene(shape.height, shape.width, seed=3).copy()).permute(2, 0, 1)[None].float()
         with torch.no_grad():
-            eager = model(image, classifier).sem_seg
-        ours = onnx_pipeline(model, runners, image, classifier)
-        agreement = float((eager.argmax(0) == ours.argmax(0)).double().mean())
-        results.append({"image": f"drawn scene {shape.height}x{shape.width}", "classes": len(vocabulary),
-                        "label_agreement": agreement, "required": PIPELINE_AGREEMENT[precision]})
+            eager = model(image, classifier).sem_seg.argmax(0)
+        for v in variants:
+            ours = onnx_pipeline(model, runners[v], image, classifier)
+            results[v].append({"image": f"drawn scene {shape.height}x{shape.width}", "classes": len(vocabulary),
+                               "label_agreement": float((eager == ours.argmax(0)).double().mean()),
+                               "required": PIPELINE_AGREEMENT[v]})
     return results

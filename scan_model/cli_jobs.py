@@ -176,20 +176,18 @@ def _parse_range(name: str, text: str) -> tuple[int, int, int]:
 
 
 def run_export(opts: ExportOptions) -> dict:
-    from export.bundle import BundleError, check_destination, sha256_file, write_bundle
-    from export.tensorrt import ShapeRanges, load_tensorrt
+    from export.bundle import check_destination, check_precision, sha256_file, write_bundle
+    from export.tensorrt import ShapeRanges
 
     from .loading import load_model
 
     if (opts.checkpoint is None) == (opts.preset is None):
         raise ValueError("pass either --checkpoint (with --config for an official SCAN.pth) or --preset")
-    if opts.precision not in ("fp32", "fp16"):
-        raise BundleError(f"--precision {opts.precision!r}: choose fp32 or fp16")
+    check_precision(opts.precision)
     ranges = ShapeRanges(**{k: _parse_range(k, v) for k, v in opts.trt_ranges.items()})
     if opts.tensorrt:  # fail before minutes of export when no TensorRT (or no GPU for it) is there
         from export.engines import engine_folder
 
-        load_tensorrt((opts.trt_backend,) if opts.trt_backend else ("tensorrt", "tensorrt_rtx"))
         engine_folder(opts.trt_backend, opts.precision)
     vocabularies = {}
     if opts.vocab:
