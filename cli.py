@@ -15,34 +15,22 @@ app = typer.Typer(
 )
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from runtime.images import ImageError
-    from runtime.vocab import VocabularyError
-    from scan_model.checkpoint import CheckpointError
-    from scan_model.official_config import ConfigError
-
-    from export.bundle import BundleError
-    from export.engines import EngineBuildError
-    from export.onnx_export import ExportError
-    from export.tensorrt import TensorRTUnavailable
-
-    return (ImageError, VocabularyError, ConfigError, CheckpointError, BundleError, ExportError, EngineBuildError,
-            TensorRTUnavailable, FileExistsError, PermissionError)
-
-
 def _fail(message: str) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code=2)
 
 
 def _run(job) -> None:
-    """Run `job()`, turning expected user errors into one line and exit status 2."""
+    """Run `job()`, turning user errors (`runtime.errors.ScanError`) into one line and exit status 2.
+
+    Anything else is a bug and keeps its traceback.
+    """
+    from runtime.errors import ScanError
+
     try:
         job()
-    except _user_errors() as exc:
-        _fail(str(exc))
-    except ValueError as exc:  # config/argument validation inside the model code
-        _fail(str(exc))
+    except ScanError as exc:
+        _fail(str(exc).strip().replace("\n", " "))
 
 
 @app.command()
@@ -52,6 +40,10 @@ def segment(
     out: Path = typer.Option(..., help="Output folder."),
     checkpoint: Optional[Path] = typer.Option(None, help="Our .safetensors checkpoint or an official SCAN.pth (with --config)."),
     config: Optional[str] = typer.Option(None, help="Official YAML, our JSON, or a preset (tiny, vitb, vitl); a preset alone runs random weights."),
+    bundle: Optional[Path] = typer.Option(None, help="Run an exported bundle with the torch-free runtime instead of the PyTorch model."),
+    backend: str = typer.Option("onnxruntime", help="With --bundle: onnxruntime or tensorrt."),
+    precision: str = typer.Option("fp32", help="With --bundle: fp32, or fp16 (the bundle's fp16 pieces/engines)."),
+    threads: Optional[int] = typer.Option(None, help="With --bundle: ONNX Runtime threads (default: all cores)."),
     save_logits: bool = typer.Option(False, help="Also write <stem>.npz with sem_seg [K,H,W] and classes."),
     no_resize: bool = typer.Option(False, "--no-resize", help="Feed images at their own size (padding to /32 still applies)."),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
@@ -63,17 +55,18 @@ def segment(
     benchmark_settings: bool = typer.Option(True, help="With a benchmark preset vocabulary, use the official per-benchmark settings."),
     seed: int = typer.Option(0, help="Seed for random weights and the official shift rule."),
 ) -> None:
-    """Segment images with the eager PyTorch model."""
+    """Segment images with the PyTorch model (--checkpoint/--config) or an exported bundle (--bundle)."""
 
     options = dict(
-        images=images, vocab=vocab, out=out, checkpoint=checkpoint, config=config, save_logits=save_logits,
+        images=images, vocab=vocab, out=out, checkpoint=checkpoint, config=config, bundle=bundle, backend=backend,
+        precision=precision, threads=threads, save_logits=save_logits,
         resize=not no_resize, device=device, mask_thr=mask_thr, ensemble_weight=ensemble_weight,
         replace_ratio=replace_ratio, shift_rule=shift_rule, log_ensemble=log_ensemble,
         benchmark_settings=benchmark_settings, seed=seed,
     )
 
     def job() -> None:
-        from scan_model.cli_jobs import SegmentOptions, run_segment
+        from cli_jobs.segment import SegmentOptions, run_segment
 
         run_segment(SegmentOptions(**options))
 
@@ -89,7 +82,7 @@ def demo(
     """The embedded default: draw a scene, segment it with a preset's random weights, write the outputs."""
 
     def job() -> None:
-        from scan_model.cli_jobs import run_demo
+        from cli_jobs.demo import run_demo
 
         run_demo(out, preset, seed)
 
@@ -116,7 +109,7 @@ def export_bundle(
     """Export the model as a bundle of ONNX pieces with parity gates, tokenizer data and text caches."""
 
     def job() -> None:
-        from scan_model.cli_jobs import ExportOptions, run_export
+        from cli_jobs.export import ExportOptions, run_export
 
         run_export(ExportOptions(
             out=out, checkpoint=checkpoint, config=config, preset=preset, vocab=vocab, standard_vocabs=standard_vocabs,
@@ -136,7 +129,7 @@ def convert(
     """Convert an official checkpoint into ours (safetensors + JSON config)."""
 
     def job() -> None:
-        from scan_model.cli_jobs import run_convert
+        from cli_jobs.convert import run_convert
 
         run_convert(checkpoint, config, out)
 
@@ -149,15 +142,16 @@ def doctor(
     build: bool = typer.Option(False, "--build", help="With --bundle: build engines in memory, not only parse."),
 ) -> None:
     """Report versions, available backends and devices, and why a backend is unavailable."""
-    from scan_model.environment import bundle_report, environment_report
+    from cli_jobs.doctor import bundle_report, environment_report
 
-    for line in environment_report():
-        typer.echo(line)
-    if bundle is not None:
-        if not (bundle / "manifest.json").is_file():
-            _fail(f"{bundle} is not a bundle (no manifest.json): pass the folder `scan export --out` wrote")
-        for line in bundle_report(bundle, build):
+    def job() -> None:
+        for line in environment_report():
             typer.echo(line)
+        if bundle is not None:
+            for line in bundle_report(bundle, build):
+                typer.echo(line)
+
+    _run(job)
 
 
 def main() -> None:  # pragma: no cover - console entry point alias

@@ -24,7 +24,7 @@ def measure(preset: str, size: tuple[int, int], runs: int, threads: int, vocab: 
 
     from scan_model.loading import load_model
     from scan_model.segmenter import EagerSegmenter
-    from scan_model.synthetic import synthetic_scene
+    from runtime.synthetic import synthetic_scene
 
     torch.set_num_threads(threads)
     loaded = load_model(checkpoint, preset, device="cpu", seed=seed)

@@ -1,12 +1,15 @@
 """Export every piece of a preset and report op count, file size, export time and parity.
 
-Random weights by default (the numbers describe the graphs, not a trained model). The ONNX
-files go to a temporary folder and are removed afterwards; only the report is kept.
+Random weights by default (the numbers describe the graphs, not a trained model). The bundle
+is written to a temporary folder and removed afterwards; only the report is kept.
 
-For scale, each piece also reports its eager sensitivity: how far eager's own outputs move
-when its float inputs are perturbed by 1e-7 relative noise (float rounding). A parity value
-of that size is the model's conditioning (e.g. masked-attention blocks at `sigmoid == 0.5`
-flipping), not a difference introduced by the export.
+Beside each piece's parity (ONNX Runtime against eager, per shape and output) the report gives
+eager's sensitivity, measured by the export itself (`export.onnx_export.ort_parity`): how
+far eager's own outputs move when its float inputs get 1e-7 relative noise (float rounding). A
+parity value of that size is the model's conditioning (e.g. masked-attention blocks at
+`sigmoid == 0.5` flipping), not a difference introduced by the export; the per-piece gate
+accepts up to `SENSITIVITY_MULTIPLE` times it. The end-to-end gate (the runtime's labels
+against eager's on drawn scenes) is reported as `pipeline_vs_eager`.
 
     python -m benchmarks.export_report --preset vitb --shape 320x480 --classes 10 --masks 8 \
         --json benchmarks/results/export_vitb.json
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import re
 import sys
 import tempfile
 import time
@@ -29,79 +33,52 @@ def measure(preset: str, shapes: list[tuple[int, int]], classes: int, masks: int
     import onnxruntime
     import torch
 
-    from export.onnx_export import Shape, export_all
-    from export.pieces import PIECES
+    from export.bundle import write_bundle
+    from export.onnx_export import SENSITIVITY_MULTIPLE, SENSITIVITY_NOISE, Shape
     from scan_model.loading import load_model
 
     torch.set_num_threads(threads)
     model = load_model(None, preset, device="cpu", seed=seed).model
     points = [Shape(h, w, classes + 3 * i, masks + 2 * i) for i, (h, w) in enumerate(shapes)]
+    lines: list[str] = []
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        records = export_all(model, Path(tmp), points[0], points[1:])
-        pieces = {
-            name: {
-                "op_count": r.op_count,
-                "file_mb": round(r.path.stat().st_size / 1e6, 1),
-                "export_s": round(r.seconds, 1),
-                "parity": [{"shape": p.shape, "max_rel": p.max_rel, "max_abs": p.max_abs} for p in r.parity],
-                "worst_rel": r.worst_rel(),
-                "eager_sensitivity_1e-7": eager_sensitivity(model, name, points[0]),
-            }
-            for name, r in records.items()
+        manifest = write_bundle(model, Path(tmp) / "bundle", None, {}, example=points[0], checks=tuple(points[1:]),
+                                report=lines.append)
+    total = time.perf_counter() - start
+    pieces = {}
+    for name, piece in manifest.pieces.items():
+        parity = [{"shape": p.shape, "max_rel": p.max_rel, "max_abs": p.max_abs, "eager_sensitivity": p.eager_sensitivity}
+                  for p in piece.parity]
+        pieces[name] = {
+            "op_count": piece.op_count,
+            "file_mb": round(sum(f.bytes for f in piece.files()) / 1e6, 1),
+            "export_s": _export_seconds(lines, name),
+            "parity": parity,
+            "worst_rel": max((v for p in piece.parity for v in p.max_rel.values()), default=0.0),
+            "worst_eager_sensitivity": max((v for p in piece.parity for v in p.eager_sensitivity.values()), default=0.0),
         }
-        pipeline = pipeline_agreement(model, records, points[0]) if set(records) == set(PIECES) else None
     return {
         "preset": preset,
         "weights": "random (seed %d)" % seed,
         "threads": threads,
-        "total_s": round(time.perf_counter() - start, 1),
+        "total_s": round(total, 1),
+        "sensitivity": {"noise": SENSITIVITY_NOISE, "gate_multiple": SENSITIVITY_MULTIPLE},
         "pieces": pieces,
-        "pipeline_vs_eager": pipeline,
+        "pipeline_vs_eager": {variant: [vars(c) for c in checks] for variant, checks in manifest.pipeline_check.items()},
+        "log": lines,
         "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
         "cpu": platform.processor() or platform.machine(),
     }
 
 
-def pipeline_agreement(model, records, shape) -> dict:
-    """Label maps of the pipeline assembled from ONNX Runtime sessions against eager, on a drawn scene."""
-    import torch
-
-    from export import ort_pipeline
-    from runtime.vocab import benchmark_vocabularies
-    from scan_model.synthetic import synthetic_scene
-
-    names = benchmark_vocabularies()["ade150"][: shape.classes]
-    sessions = ort_pipeline.sessions({name: r.path for name, r in records.items()})
-    image = torch.from_numpy(synthetic_scene(shape.height, shape.width, seed=3).copy()).permute(2, 0, 1)[None].float()
-    with torch.no_grad():
-        eager = model(image, model.text_classifier(model.encode_text(names))).sem_seg
-    classifier = ort_pipeline.onnx_classifier(model, sessions["text_encoder"], names)
-    onnx_map = ort_pipeline.onnx_pipeline(model, sessions, image, classifier)
-    return {
-        "image": f"synthetic scene {shape.height}x{shape.width}, {len(names)} ade150 names",
-        "label_agreement": float((eager.argmax(0) == onnx_map.argmax(0)).double().mean()),
-        "sem_seg_max_rel": float((eager - onnx_map).abs().max() / eager.abs().max()),
-    }
-
-
-def eager_sensitivity(model, piece: str, shape, noise: float = 1e-7, seed: int = 5) -> dict[str, float]:
-    """Max relative change of each eager output under `noise` relative perturbation of the float inputs."""
-    import torch
-
-    from export.pieces import PIECES, example_inputs
-
-    wrapper = PIECES[piece](model).eval()
-    args = example_inputs(model, piece, shape.height, shape.width, shape.classes, shape.masks, seed=1)
-    gen = torch.Generator().manual_seed(seed)
-    noisy = [a * (1 + noise * torch.randn(a.shape, generator=gen)) if a.is_floating_point() and a.dim() else a for a in args]
-    with torch.no_grad():
-        ref, out = wrapper(*args), wrapper(*noisy)
-    ref, out = (ref, out) if isinstance(ref, tuple) else ((ref,), (out,))
-    return {
-        name: float((o.double() - r.double()).abs().max() / r.double().abs().max().clamp_min(1e-30))
-        for name, o, r in zip(wrapper.output_names, out, ref) if r.is_floating_point()
-    }
+def _export_seconds(lines: list[str], piece: str) -> float | None:
+    """The export time from the piece's progress line (`<piece>: ... exported in N s ...`)."""
+    for line in lines:
+        found = re.match(rf"{piece}: .* exported in (\d+) s", line)
+        if found:
+            return float(found.group(1))
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -49,7 +49,7 @@ def _official_structure(model, image, mask_probs, classifier, shift_tokens):
 def measure(preset: str, size: tuple[int, int], runs: int, threads: int, seed: int = 0) -> dict:
     from scan_model.ensemble import upsample_masks
     from scan_model.loading import load_model
-    from scan_model.synthetic import synthetic_scene
+    from runtime.synthetic import synthetic_scene
 
     torch.set_num_threads(threads)
     model = load_model(None, preset, device="cpu", seed=seed).model

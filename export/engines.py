@@ -3,7 +3,8 @@
 Engines are tied to a TensorRT version and a GPU, so each build goes to a folder named after
 both and never overwrites another's. Standard TensorRT builds for the GPU it runs on and
 needs one; TensorRT-RTX builds ahead of time without a GPU (folder `aot-...`), which is
-what the compatibility gate uses on machines like CI.
+what the compatibility gate uses on machines like CI. Naming, profiles and the build itself
+live in `runtime.tensorrt`, shared with the runtime's lazy builds.
 """
 
 from __future__ import annotations
@@ -11,12 +12,18 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
-import onnx
+from runtime.errors import ScanError
+from runtime.engine_store import input_dims
+from runtime.files import sha256_file
+from runtime.manifest import read_manifest
+from runtime.tensorrt import (
+    BuildResult, ShapeRanges, build_engine, engine_folder_name, gpu_identity, load_tensorrt, piece_profiles, profile_record,
+)
 
-from .tensorrt import BuildResult, ShapeRanges, build_engine, gpu_identity, load_tensorrt, piece_profiles, trt_version
+__all__ = ["EngineBuildError", "build_bundle_engines", "engine_folder", "gate_bundle", "gpu_identity", "piece_profiles"]
 
 
-class EngineBuildError(RuntimeError):
+class EngineBuildError(ScanError):
     """A piece that TensorRT rejected; the message lists the rejected nodes."""
 
 
@@ -30,8 +37,8 @@ def engine_folder(backend: str | None, precision: str) -> tuple[str, dict]:
                 f"TensorRT builds engines for the GPU it runs on, and {description}: run --tensorrt on the "
                 "GPU host, or install tensorrt-rtx to build ahead of time without a GPU"
             )
-        gpu, description = "aot", f"ahead-of-time build without a GPU ({description})"
-    folder = f"{gpu}-{trt_version(trt, name)}-{precision}"
+        description = f"ahead-of-time build without a GPU ({description})"
+    folder = engine_folder_name(gpu, name, trt.__version__, precision)
     return folder, {"backend": name, "version": trt.__version__, "gpu": description, "precision": precision}
 
 
@@ -54,13 +61,12 @@ def build_bundle_engines(
             continue
         plan = target / f"{piece}.plan"
         plan.write_bytes(result.engine)
-        proto = onnx.load(str(path), load_external_data=False)
         pieces[piece] = {
             "file": plan.relative_to(root).as_posix(),
             "onnx": path.name,
             "bytes": result.engine_bytes,
-            "profile": {name: {"min": list(low), "opt": list(opt), "max": list(high)}
-                        for name, (low, opt, high) in piece_profiles(piece, proto, ranges).items()},
+            "sha256": sha256_file(plan),
+            "profile": profile_record(result.profile),
         }
     if failures:
         raise EngineBuildError("TensorRT could not build every piece: " + " | ".join(failures))
@@ -71,16 +77,15 @@ def build_bundle_engines(
 def gate_bundle(root: Path, precision: str = "fp32", ranges: ShapeRanges | None = None, backend: str | None = None,
                 build: bool = True) -> list[BuildResult]:
     """The compatibility gate on an existing bundle: parse (and build) every piece; nothing written."""
-    import json
-
-    manifest = json.loads((root / "manifest.json").read_text())
+    manifest = read_manifest(root)
     if ranges is None:  # the profile of the bundle's own engines, if it has some
-        recorded = [e["ranges"] for e in manifest.get("engines", {}).values() if e["precision"] == precision]
-        ranges = ShapeRanges(**{k: tuple(v) for k, v in recorded[0].items()}) if recorded else ShapeRanges()
+        recorded = [e.ranges for e in manifest.engines.values() if e.precision == precision]
+        ranges = ShapeRanges.from_dict(recorded[0]) if recorded else ShapeRanges()
     results = []
-    for piece, entry in manifest["pieces"].items():
-        if precision == "fp16" and "fp16" not in entry:
+    for piece, entry in manifest.pieces.items():
+        if precision == "fp16" and entry.fp16 is None:
             raise EngineBuildError(f"{root} holds no fp16 pieces: export it with --precision fp16")
-        file = root / (entry["fp16"] if precision == "fp16" else entry)["file"]
-        results.append(build_engine(file, piece, ranges, backend, precision=precision, parse_only=not build))
+        variant = entry.variant(precision)
+        results.append(build_engine(root / variant.file, piece, ranges, backend, precision=precision,
+                                    parse_only=not build, inputs=input_dims(variant)))
     return results

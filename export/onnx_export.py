@@ -5,10 +5,20 @@ dynamo exporter can silently turn a dynamic dimension into a constant, every exp
 followed by checks that fail loudly: the intended axes must be symbolic in the saved graph,
 no operator from the deny list may appear, `onnx.checker` must pass in full, and ONNX Runtime
 must agree with eager at shapes other than the export example.
+
+Parity is judged against eager's own conditioning. Where mask logits sit within float rounding
+of zero, the masked attention of the mask decoder flips whole attention blocks under any change
+of summation order, so eager itself moves by 1e-3 to 1e-1 relative when its inputs get 1e-7
+relative noise, and no correct export can agree with it better than that. Each parity check
+therefore also measures that movement (`eager_sensitivity`: eager against eager on the same
+inputs with float-rounding noise) and accepts ONNX Runtime within
+`max(tolerance, SENSITIVITY_MULTIPLE x sensitivity)`; both numbers go to the manifest, and the
+end-to-end label gate (export/bundle.py) decides whether such a model is fit to ship.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +28,7 @@ import onnx
 import torch
 from torch.export import Dim
 
+from runtime.errors import ScanError
 from scan_model.model import ScanModel
 
 from .pieces import PIECES, example_inputs
@@ -34,8 +45,27 @@ FP16_TOLERANCE = 1.0
 DENIED_OPS = frozenset({"DFT", "STFT", "NonZero", "Loop", "If", "RoiAlign", "Scan"})
 STANDARD_DOMAINS = frozenset({"", "ai.onnx"})
 
+# Eager sensitivity (see the module docstring). Float inputs of rank >= 1 are multiplied by
+# (1 + NOISE * n), n ~ N(0, 1) drawn from SEED, computed in float64 and rounded back: a change of
+# about one float32 ulp. Integer and bool inputs and 0-d settings (the mask threshold) stay as they
+# are. Draws come in antithetic pairs (n, -n): a flip needs the perturbation of one near-zero logit
+# to have the right sign, which one of the pair has. One pair is always measured; more pairs,
+# up to MAX_PAIRS, only where ONNX Runtime is beyond the gate with the movement measured so far
+# (single draws caught the flip of seed-8 official-format tiny at 320x480 in 3 of 10, pairs in 4 of 8).
+SENSITIVITY_NOISE = 1e-7
+SENSITIVITY_SEED = 5
+SENSITIVITY_PAIRS = 1
+SENSITIVITY_MAX_PAIRS = 8
+# ONNX Runtime may move up to this multiple of eager's own movement. Measured ORT / sensitivity
+# (tiny official-format seeds 0, 3, 8, 20, every piece at the bundle's three shapes; vitb in
+# benchmarks/results/export_vitb_320x480.json): exactly 1.00 where blocks flip (ORT flips the same
+# block the noise does: 9.4e-3 vs 9.4e-3, 1.5e-3 vs 1.5e-3), 0.6-1.6 where nothing flips. 10 leaves
+# room for ORT flipping another block than the draws did, and a wrong graph (errors far above
+# rounding) still fails wherever the model is well-conditioned.
+SENSITIVITY_MULTIPLE = 10.0
 
-class ExportError(RuntimeError):
+
+class ExportError(ScanError, RuntimeError):
     """An export that produced a graph we must not ship; the message says which check failed."""
 
 
@@ -57,6 +87,8 @@ class ParityResult:
     shape: str
     max_abs: dict[str, float] = field(default_factory=dict)
     max_rel: dict[str, float] = field(default_factory=dict)  # max abs diff / max abs eager value
+    # The same measure for eager against eager on float-rounding-perturbed inputs (float outputs).
+    eager_sensitivity: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -71,6 +103,7 @@ class PieceExport:
     precision: str = "fp32"
     external_data: bool = False
     fp16: PieceExport | None = None  # the fp16 variant, when one was asked for
+    exact_outputs: list[str] = field(default_factory=list)  # bool outputs: must match eager exactly
 
     def files(self) -> list[Path]:
         """The ONNX file and, for pieces over 2 GB, its external-data file."""
@@ -78,6 +111,9 @@ class PieceExport:
 
     def worst_rel(self) -> float:
         return max((v for p in self.parity for v in p.max_rel.values()), default=0.0)
+
+    def worst_sensitivity(self) -> float:
+        return max((v for p in self.parity for v in p.eager_sensitivity.values()), default=0.0)
 
 
 def dynamic_shapes(piece: str, model: ScanModel) -> dict:
@@ -104,6 +140,8 @@ def dynamic_shapes(piece: str, model: ScanModel) -> dict:
             "mask_threshold": None,
             "shift_tokens": None,
             "text_classifier": {0: k},
+            "shift_counts": None,
+            "shift_keys": {1: masks},
         }
     if piece == "text_encoder":
         return {"tokens": {0: Dim("prompts", min=1, max=65536)}}
@@ -208,9 +246,59 @@ def check_graph(proto: onnx.ModelProto, piece: str, shapes: dict, input_names, p
         raise ExportError(f"{piece}: graph holds denied operators {bad + custom}")
 
 
+def _relative(ours: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
+    """Max abs difference and max abs difference / max |ref| (float64)."""
+    if not ref.size:
+        return 0.0, 0.0
+    diff = float(np.abs(ours.astype(np.float64) - ref.astype(np.float64)).max())
+    return diff, diff / max(float(np.abs(ref).max()), 1e-30)
+
+
+def _as_tuple(out) -> tuple:
+    return out if isinstance(out, tuple) else (out,)
+
+
+def _perturb(args, noise: float, gen: torch.Generator, sign: float = 1.0, draw=None) -> tuple[list, list]:
+    """`args` with float inputs (rank >= 1) times (1 + sign * noise * n); returns them and the draws n."""
+    draws = draw if draw is not None else [
+        torch.randn(a.shape, generator=gen, dtype=torch.float64) if a.is_floating_point() and a.dim() else None for a in args
+    ]
+    noisy = [a if n is None else (a.double() * (1 + sign * noise * n)).to(a.dtype) for a, n in zip(args, draws)]
+    return noisy, draws
+
+
 @torch.no_grad()
-def ort_parity(model: ScanModel, record: PieceExport, shapes: list[Shape], providers=("CPUExecutionProvider",)) -> list[ParityResult]:
-    """ONNX Runtime against eager at each shape: max abs and relative difference per output."""
+def _movement(wrapper: torch.nn.Module, args, reference: tuple, pair: int, noise: float, seed: int) -> dict[str, float]:
+    """Max relative change of each float output over one antithetic pair of perturbations."""
+    gen = torch.Generator().manual_seed(seed + pair)
+    moved: dict[str, float] = {}
+    draw = None
+    for sign in (1.0, -1.0):
+        noisy, draw = _perturb(args, noise, gen, sign, draw)
+        for name, out, ref in zip(wrapper.output_names, _as_tuple(wrapper(*noisy)), reference):
+            if ref.is_floating_point():
+                value = _relative(out.numpy(), ref.numpy())[1]
+                moved[name] = max(moved.get(name, 0.0), value if math.isfinite(value) else 0.0)
+    return moved
+
+
+def _merge_max(into: dict[str, float], new: dict[str, float]) -> None:
+    for name, value in new.items():
+        into[name] = max(into.get(name, 0.0), value)
+
+
+def _limit(tolerance: float, multiple: float, sensitivity: float) -> float:
+    return max(tolerance, multiple * sensitivity) if math.isfinite(sensitivity) else tolerance
+
+
+@torch.no_grad()
+def ort_parity(
+    model: ScanModel, record: PieceExport, shapes: list[Shape], providers=("CPUExecutionProvider",),
+    tolerance: float = 1e-3, multiple: float = SENSITIVITY_MULTIPLE, sensitivity: bool = True,
+) -> list[ParityResult]:
+    """ONNX Runtime against eager at each shape: max abs and relative difference per output,
+    and eager's own sensitivity to float-rounding noise (one antithetic pair; up to
+    SENSITIVITY_MAX_PAIRS while an output is beyond `max(tolerance, multiple x sensitivity)`)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -222,8 +310,7 @@ def ort_parity(model: ScanModel, record: PieceExport, shapes: list[Shape], provi
     results = []
     for shape in shapes:
         args = example_inputs(model, record.name, shape.height, shape.width, shape.classes, shape.masks, seed=1)
-        eager = wrapper(*args)
-        eager = eager if isinstance(eager, tuple) else (eager,)
+        eager = _as_tuple(wrapper(*args))
         feeds = {name: arg.numpy() for name, arg in zip(wrapper.input_names, args)}
         outputs = session.run(list(wrapper.output_names), feeds)
         result = ParityResult(shape.label())
@@ -232,25 +319,46 @@ def ort_parity(model: ScanModel, record: PieceExport, shapes: list[Shape], provi
             if ref.shape != ours.shape:
                 raise ExportError(f"{record.name}: output {name} has shape {ours.shape} in ONNX Runtime, {ref.shape} eager")
             if ref.dtype == np.bool_:
-                diff = float((ours != ref).mean())
+                diff = float((ours != ref).mean()) if ref.size else 0.0
                 result.max_abs[name] = result.max_rel[name] = diff
+                if name not in record.exact_outputs:
+                    record.exact_outputs.append(name)
                 continue
-            diff = np.abs(ours.astype(np.float64) - ref.astype(np.float64))
-            scale = max(float(np.abs(ref).max()), 1e-30) if ref.size else 1.0
-            result.max_abs[name] = float(diff.max()) if diff.size else 0.0
-            result.max_rel[name] = result.max_abs[name] / scale
+            result.max_abs[name], result.max_rel[name] = _relative(ours, ref)
+        if sensitivity:
+            for pair in range(SENSITIVITY_MAX_PAIRS):
+                _merge_max(result.eager_sensitivity, _movement(wrapper, args, eager, pair, SENSITIVITY_NOISE, SENSITIVITY_SEED))
+                unexplained = [
+                    n for n, v in result.eager_sensitivity.items()
+                    if not result.max_rel[n] <= _limit(tolerance, multiple, v)
+                ]
+                if pair + 1 >= SENSITIVITY_PAIRS and not unexplained:
+                    break
         results.append(result)
     record.parity.extend(results)
     return results
 
 
-def parity_gate(record: PieceExport, tolerance: float) -> None:
-    """Fail with a report when any output at any shape exceeds `tolerance` (relative)."""
-    failures = [  # `not <=` so that NaN fails too
-        f"{p.shape} {name}: {value:.2e}" for p in record.parity for name, value in p.max_rel.items() if not value <= tolerance
-    ]
+def parity_gate(record: PieceExport, tolerance: float, multiple: float = SENSITIVITY_MULTIPLE, exact=None) -> None:
+    """Fail with a report when an output at a shape is beyond `max(tolerance, multiple x eager sensitivity)`.
+
+    `exact` outputs (default: the piece's bool outputs) must match eager exactly. `multiple=0`
+    with `exact=()` is a plain fixed-tolerance gate (fp16 variants).
+    """
+    exact = set(record.exact_outputs if exact is None else exact)
+    failures = []
+    for p in record.parity:
+        for name, value in p.max_rel.items():
+            if name in exact:
+                if not value == 0:
+                    failures.append(f"{p.shape} {name}: {value:.2e} of flags differ (must match exactly)")
+                continue
+            sensitivity = p.eager_sensitivity.get(name, 0.0)
+            if not value <= _limit(tolerance, multiple, sensitivity):  # `not <=` so that NaN fails too
+                failures.append(f"{p.shape} {name}: {value:.2e}" + (f" (eager sensitivity {sensitivity:.1e})" if multiple else ""))
     if failures:
-        raise ExportError(f"{record.name}: ONNX Runtime differs from eager beyond {tolerance:g}: " + "; ".join(failures))
+        bound = f"max({tolerance:g}, {multiple:g} x eager sensitivity)" if multiple else f"{tolerance:g}"
+        raise ExportError(f"{record.name}: ONNX Runtime differs from eager beyond {bound}: " + "; ".join(failures))
 
 
 def export_all(
@@ -267,14 +375,18 @@ def export_all(
     records = {}
     for piece in pieces:
         record = export_piece(model, piece, out_dir / f"{piece}.onnx", example, external_data_bytes)
-        ort_parity(model, record, [example, *checks])
+        ort_parity(model, record, [example, *checks], tolerance=tolerance)
         parity_gate(record, tolerance)
         line = (f"{piece}: {record.op_count} ops, {sum(f.stat().st_size for f in record.files()) / 1e6:.1f} MB, "
-                f"exported in {record.seconds:.0f} s, parity worst {record.worst_rel():.1e} over {len(record.parity)} shapes")
+                f"exported in {record.seconds:.0f} s, parity worst {record.worst_rel():.1e} over {len(record.parity)} shapes "
+                f"(eager sensitivity up to {record.worst_sensitivity():.1e})")
         if fp16:
             record.fp16 = export_fp16(record, out_dir / f"{piece}.fp16.onnx")
-            ort_parity(model, record.fp16, [example, *checks])
-            parity_gate(record.fp16, fp16_tolerance)
+            # Same eager model, inputs and shapes: eager's sensitivity is the fp32 record's (recorded,
+            # not used: the fp16 gate is a fixed tolerance, see FP16_TOLERANCE).
+            for half, full in zip(ort_parity(model, record.fp16, [example, *checks], sensitivity=False), record.parity):
+                half.eager_sensitivity = dict(full.eager_sensitivity)
+            parity_gate(record.fp16, fp16_tolerance, multiple=0.0, exact=())
             line += f"; fp16 worst {record.fp16.worst_rel():.1e}"
         if report is not None:
             report(line)

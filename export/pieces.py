@@ -12,17 +12,20 @@ Pre-processing (normalisation, padding to /32, the nearest 224 squash) and post-
 | mask_decoder   | image-encoder outputs, text_classifier (K+1,E)                 | class_logits (1,Q,K+1),         |
 |                |                                                                | mask_logits (1,Q,H/4,W/4)       |
 | clip_adapter   | image (3,h,w) RGB 0..255 unpadded, mask_probs (N,h,w),         | region_logits (N,K+1),          |
-|                | mask_threshold (), shift_tokens (R,C), text_classifier (K+1,E) | valid (N,)                      |
+|                | mask_threshold (), shift_tokens (R,C), text_classifier (K+1,E),| valid (N,)                      |
+|                | shift_counts (P+1,) int64, shift_keys (R,N,P) int64            |                                 |
 | text_encoder   | tokens (M,77) int64                                            | text_features (M,E) unnormalised|
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from scan_model.clip_towers import contextual_shift_key, patch_foreground, region_clip_forward
+from runtime.settings import random_shift_keys, shift_counts
+from scan_model.clip_towers import patch_foreground, ranked_shift_selection, region_clip_forward
 from scan_model.model import LOGIT_SCALE, ScanModel
 from scan_model.regions import crop_regions, mask_boxes
 
@@ -61,26 +64,24 @@ class MaskDecoderPiece(nn.Module):
 
 
 class ClipAdapterPiece(nn.Module):
-    """Boxes, exact bicubic crops and the finetuned CLIP with the deterministic contextual shift.
+    """Boxes, exact bicubic crops and the finetuned CLIP with the contextual shift.
 
     Takes the N masks the runtime sends (typically only those with a non-empty thresholded mask:
     its cost grows with N, not with the number of queries). `valid` flags empty masks, whose
-    logits must be ignored.
+    logits must be ignored. The contextual shift is set per call: `shift_counts[c]` background
+    patches out of c are replaced (the replace ratio, tabulated by `runtime.settings.shift_counts`),
+    chosen by rank in `shift_keys` (one fixed permutation repeated for the deterministic rule, a
+    fresh permutation per layer and region for the official random rule).
     """
 
-    input_names = ("image", "mask_probs", "mask_threshold", "shift_tokens", "text_classifier")
+    input_names = ("image", "mask_probs", "mask_threshold", "shift_tokens", "text_classifier", "shift_counts", "shift_keys")
     output_names = ("region_logits", "valid")
 
     def __init__(self, model: ScanModel):
         super().__init__()
         self.model = model
-        cfg = model.cfg
-        if cfg.inference.shift_rule != "deterministic":
-            raise ValueError("only the deterministic contextual-shift rule can be exported (the official one is random)")
-        grid = cfg.clip.grid_size
-        self.register_buffer("shift_key", contextual_shift_key(grid * grid, cfg.inference.shift_seed), persistent=False)
 
-    def forward(self, image, mask_probs, mask_threshold, shift_tokens, text_classifier):
+    def forward(self, image, mask_probs, mask_threshold, shift_tokens, text_classifier, shift_counts, shift_keys):
         model, cfg = self.model, self.model.cfg
         binary = mask_probs > mask_threshold
         boxes, valid = mask_boxes(binary)
@@ -89,9 +90,9 @@ class ClipAdapterPiece(nn.Module):
             size=cfg.clip.vision["image_size"], fill=model.clip_fill.flatten(),
         )
         foreground = patch_foreground(region_masks, cfg.clip.vision["patch_size"])
+        selection = ranked_shift_selection(~foreground, shift_counts, shift_keys)
         features = region_clip_forward(
-            model.clip.visual, regions, foreground, shift_tokens, cfg.inference.replace_layers,
-            cfg.inference.replace_ratio, rule="deterministic", shift_key=self.shift_key,
+            model.clip.visual, regions, foreground, shift_tokens, cfg.inference.replace_layers, 0.0, selection=selection,
         )
         return LOGIT_SCALE * F.normalize(features, dim=-1) @ text_classifier.t(), valid
 
@@ -141,7 +142,12 @@ def example_inputs(model: ScanModel, piece: str, height: int, width: int, classe
         logits = F.interpolate(out.mask_logits, size=(height, width), mode="bilinear", align_corners=False)[0]
         probs = logits.sigmoid()[:masks]
         threshold = torch.tensor(model.cfg.inference.mask_threshold)
-        return image[0], probs, threshold, global_clip.layer_cls[0], text
+        # A non-zero ratio and per-layer, per-region keys exercise the shift whatever the config says.
+        patches = model.cfg.clip.grid_size ** 2
+        counts = torch.tensor(shift_counts(patches, 0.15), dtype=torch.int64)
+        rng = np.random.default_rng(seed)
+        keys = torch.from_numpy(random_shift_keys(len(model.cfg.inference.replace_layers), probs.shape[0], patches, rng))
+        return image[0], probs, threshold, global_clip.layer_cls[0], text, counts, keys
     if piece == "text_encoder":
         tokens = torch.randint(1, 49406, (masks, model.cfg.clip.text["context_length"]), generator=gen)
         tokens[:, 0] = 49406

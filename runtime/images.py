@@ -10,8 +10,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from .errors import ScanError
 
-class ImageError(ValueError):
+
+class ImageError(ScanError, ValueError):
     """An image that cannot be used; the message names the file and the problem."""
 
 

@@ -2,26 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from .files import atomic_write
 from .visualize import label_image, overlay
 
-
-def atomic_write(path: Path, write) -> None:
-    """Call `write(tmp_path)` and rename onto `path`: readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+__all__ = ["atomic_write", "write_outputs"]
 
 
 def write_outputs(

@@ -8,8 +8,10 @@ from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
+from .errors import ScanError
 
-class VocabularyError(ValueError):
+
+class VocabularyError(ScanError, ValueError):
     """A vocabulary that cannot be used; the message says how to fix it."""
 
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from runtime.outputs import atomic_write
+from runtime.errors import ScanError
+from runtime.files import atomic_write
 
 from .clip_towers import PRETRAINED_FILES, load_open_clip_weights
 from .config import ScanConfig
@@ -39,7 +40,7 @@ IGNORED_OFFICIAL_KEYS = ("criterion.empty_weight", "clip_adapter.pixel_mean", "c
 FORMAT_NAME = "scan-deploy"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ScanError, ValueError):
     """A checkpoint that cannot be loaded; the message says what is wrong and what to do."""
 
 

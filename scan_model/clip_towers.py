@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from open_clip.transformer import LayerNorm, VisionTransformer
 from torch import Tensor, nn
 
+from runtime.settings import shift_counts, shift_key
+
 # Our own copy of the model configs (open_clip's model_configs/*.json for the official names, the
 # fixture README for SCAN-tiny-16). open_clip's global registry is never mutated.
 _MODEL_CONFIGS: dict[str, dict] = {
@@ -262,47 +264,54 @@ def patch_foreground(region_masks: Tensor, patch_size: int) -> Tensor:
 def contextual_shift_key(num_patches: int, seed: int = 0) -> Tensor:
     """The fixed selection key of the deterministic rule: a permutation of the patches, int64 (P,).
 
-    Pass it to ``region_clip_forward(shift_key=...)`` when exporting (keep it as a buffer): a
-    ``torch.randperm`` inside the traced function would be recorded as a random op.
+    The same numbers as the runtime's (`runtime.settings.shift_key`, numpy), so the eager model
+    and a deployed bundle replace the same patches. Pass it to ``region_clip_forward(shift_key=...)``
+    when exporting (keep it as a buffer or an input).
     """
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randperm(num_patches, generator=generator)
+    return torch.from_numpy(shift_key(num_patches, seed))
 
 
 def _count_floor_table(num_patches: int, ratio: float) -> Tensor:
     """int64 (P+1,): entry c = int(ratio * c), Python's float64 floor, exactly as the official code.
 
     A float32 ``floor(ratio * count)`` in the graph differs for some ratios (e.g. 0.29 * 100), so the
-    official counts are tabulated from Python floats; the table is a constant of the graph.
+    official counts are tabulated from Python floats (`runtime.settings.shift_counts`); exported
+    graphs take the table as an input, so the ratio is a per-call setting.
     """
-    return torch.tensor([int(ratio * c) for c in range(num_patches + 1)], dtype=torch.int64)
+    return torch.tensor(shift_counts(num_patches, ratio), dtype=torch.int64)
 
 
-def deterministic_shift_selection(background: Tensor, ratio: float, shift_key: Tensor) -> Tensor:
-    """Which background patches the deterministic rule overwrites (EXPORT_NOTES.md §3.7).
+def ranked_shift_selection(background: Tensor, counts: Tensor, keys: Tensor) -> Tensor:
+    """The background patches whose key ranks below ``counts[n_background]`` among the region's.
 
-    For each region, the background patches whose key ranks below int(ratio * n_background) among
-    the region's background patches: exactly that many, never a foreground patch, batched, no
-    TopK / NonZero / loops.
+    Exactly that many per region, never a foreground patch; batched, no TopK / NonZero / loops.
+    With one key (P,) for every region this is the deterministic rule; with a fresh random
+    permutation per layer and region, (R, N, P), it draws uniform random subsets of the official
+    rule's size, as ``random.sample`` does (EXPORT_NOTES.md §3.7).
 
     Args:
         background: (N, P) bool, True for background patches.
-        ratio: the replace ratio.
-        shift_key: (P,) a permutation of 0..P-1 (``contextual_shift_key``).
+        counts: (P+1,) int64, ``counts[c]`` patches to replace out of c background ones.
+        keys: (P,) or (R, N, P) int64 permutations of 0..P-1.
     Returns:
-        (N, P) bool selection.
+        (N, P) bool for a (P,) key, else (R, N, P) bool.
     """
-    num_patches = background.shape[1]
-    key = shift_key.to(background.device)
-    # earlier[q, p] = 1 if patch q comes before patch p in key order; rank = number of background
-    # patches of the region that come before p (exact in float32 for P < 2**24).
-    earlier = (key[:, None] < key[None, :]).to(torch.float32)
     bg = background.to(torch.float32)
-    rank = bg @ earlier
-    table = _count_floor_table(num_patches, ratio).to(background.device)
-    count = background.to(torch.int64).sum(dim=1)
-    k = table[count].to(torch.float32)  # (N,) = int(ratio * n_background)
+    # earlier[..., q, p] = 1 if patch q comes before patch p in key order; rank = number of the
+    # region's background patches that come before p (exact in float32 for P < 2**24).
+    earlier = (keys[..., :, None] < keys[..., None, :]).to(torch.float32)
+    if keys.dim() == 1:
+        rank = bg @ earlier
+    else:
+        rank = (bg[:, None, :] @ earlier).squeeze(-2)
+    k = counts.to(background.device)[background.to(torch.int64).sum(dim=1)].to(torch.float32)  # (N,)
     return background & (rank < k[:, None])
+
+
+def deterministic_shift_selection(background: Tensor, ratio: float, shift_key: Tensor) -> Tensor:
+    """Which background patches the deterministic rule overwrites: (N, P) bool (see `ranked_shift_selection`)."""
+    table = _count_floor_table(background.shape[1], ratio).to(background.device)
+    return ranked_shift_selection(background, table, shift_key.to(background.device))
 
 
 def official_shift_selection(background: Tensor, ratio: float, rng: random.Random) -> Tensor:
@@ -330,6 +339,7 @@ def region_clip_forward(
     rng: random.Random | None = None,
     seed: int = 0,
     shift_key: Tensor | None = None,
+    selection: Tensor | None = None,
 ) -> Tensor:
     """The region classifier: the finetuned CLIP with the contextual shift (SPEC.md §1.11 step 8, §1.12).
 
@@ -349,7 +359,10 @@ def region_clip_forward(
             ``"official"`` (``rng.sample`` per region, drawn afresh at every listed layer).
         rng: Python RNG of the official rule; ``random.Random(seed)`` when None (never the global one).
         seed: seed of the deterministic key (when ``shift_key`` is None) or of the default ``rng``.
-        shift_key: (G*G,) precomputed ``contextual_shift_key``; required when exporting.
+        shift_key: (G*G,) precomputed ``contextual_shift_key``.
+        selection: (len(replace_layers), N, G*G) bool, the patches to overwrite at each listed layer,
+            computed by the caller (the exported graph: ``ranked_shift_selection`` of its inputs);
+            overrides ``rule``, ``replace_ratio`` and ``shift_key``.
     Returns:
         (N, E) region features, not normalised.
     """
@@ -362,24 +375,29 @@ def region_clip_forward(
 
     shift_at = {d: i for i, d in enumerate(replace_layers)}
     background = ~foreground
-    selection = None
-    if replace_ratio > 0 and rule == "deterministic":
+    fixed = None
+    if selection is None and replace_ratio > 0 and rule == "deterministic":
         if shift_key is None:
             if torch.compiler.is_exporting():
-                raise ValueError("pass shift_key=contextual_shift_key(G*G, seed) when exporting")
+                raise ValueError("pass shift_key=contextual_shift_key(G*G, seed) or a selection when exporting")
             shift_key = contextual_shift_key(foreground.shape[1], seed)
-        selection = deterministic_shift_selection(background, replace_ratio, shift_key)[..., None]
+        fixed = deterministic_shift_selection(background, replace_ratio, shift_key)[..., None]
     if rule == "official" and rng is None:
         rng = random.Random(seed)
+    shifting = selection is not None or replace_ratio > 0
 
     x = _embed(visual, regions)
     for i in range(depth):
         x = _block(visual, i, x)
         d = i + 1
-        if replace_ratio > 0 and d in shift_at:
-            if rule == "official":
-                selection = official_shift_selection(background, replace_ratio, rng)[..., None]
+        if shifting and d in shift_at:
+            if selection is not None:
+                chosen = selection[shift_at[d]][..., None]
+            elif rule == "official":
+                chosen = official_shift_selection(background, replace_ratio, rng)[..., None]
+            else:
+                chosen = fixed
             token = shift_tokens[shift_at[d]].to(x.dtype)
-            patches = torch.where(selection, token, x[:, 1:])
+            patches = torch.where(chosen, token, x[:, 1:])
             x = torch.cat([x[:, :1], patches], dim=1)
     return _head(visual, x)

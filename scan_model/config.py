@@ -10,6 +10,9 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 
+from runtime.errors import ScanError
+from runtime.settings import SHIFT_RULES, InferenceSettings, SettingsError
+
 from .calibration import CalibrationConfig
 from .clip_towers import ClipConfig
 from .mask_decoder import MaskDecoderConfig
@@ -20,7 +23,10 @@ from .swin import SwinConfig
 SWIN_PIXEL_MEAN = (123.675, 116.280, 103.530)
 SWIN_PIXEL_STD = (58.395, 57.120, 57.375)
 
-SHIFT_RULES = ("deterministic", "official")
+
+
+class ConfigError(ScanError, ValueError):
+    """A config that cannot be turned into a `ScanConfig`; the message says why."""
 
 
 @dataclass
@@ -47,17 +53,21 @@ class InferenceConfig:
     # Number of region crops sent through the region CLIP at once: bounds peak memory.
     region_batch_size: int = 32
 
+    def settings(self) -> InferenceSettings:
+        """The per-call settings these defaults stand for (validated)."""
+        return InferenceSettings(
+            mask_threshold=self.mask_threshold,
+            ensemble_weight=self.ensemble_weight,
+            replace_ratio=self.replace_ratio,
+            log_ensemble=self.log_ensemble,
+            shift_rule=self.shift_rule,
+            shift_seed=self.shift_seed,
+        )
+
     def validate(self) -> None:
-        if self.shift_rule not in SHIFT_RULES:
-            raise ValueError(f"unknown contextual-shift rule {self.shift_rule!r}; use one of {', '.join(SHIFT_RULES)}")
-        if not 0.0 <= self.mask_threshold < 1.0:
-            raise ValueError(f"mask threshold must be in [0, 1), got {self.mask_threshold}")
-        if not 0.0 <= self.ensemble_weight <= 1.0:
-            raise ValueError(f"ensemble weight must be in [0, 1], got {self.ensemble_weight}")
-        if not 0.0 <= self.replace_ratio <= 1.0:
-            raise ValueError(f"replace ratio must be in [0, 1], got {self.replace_ratio}")
+        self.settings()  # raises SettingsError naming the bad value
         if self.region_batch_size < 1:
-            raise ValueError("region batch size must be at least 1")
+            raise SettingsError("region batch size must be at least 1")
 
 
 @dataclass
@@ -102,7 +112,7 @@ class ScanConfig:
         if tuple(self.pixel_decoder.in_channels) != swin_channels:
             problems.append(f"pixel decoder in_channels {self.pixel_decoder.in_channels} != Swin outputs {swin_channels}")
         if problems:
-            raise ValueError("inconsistent SCAN config: " + "; ".join(problems))
+            raise ConfigError("inconsistent SCAN config: " + "; ".join(problems))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -115,12 +125,12 @@ class ScanConfig:
 def _from_dict(cls, data):
     """Build dataclass `cls` from plain JSON data, turning lists back into tuples."""
     if not isinstance(data, dict):
-        raise ValueError(f"expected a mapping for {cls.__name__}, got {type(data).__name__}")
+        raise ConfigError(f"expected a mapping for {cls.__name__}, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
+        raise ConfigError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
     kwargs = {}
     for name, value in data.items():
         hint = hints[name]

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from runtime.errors import ScanError
+
 from .checkpoint import (
     CheckpointError,
     LoadReport,
@@ -37,9 +39,9 @@ def resolve_device(device: str | None) -> torch.device:
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise ValueError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+        raise ScanError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but no CUDA device is available; use --device cpu")
+        raise ScanError(f"device {device!r} requested but no CUDA device is available; use --device cpu")
     return dev
 
 

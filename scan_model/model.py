@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from runtime.settings import InferenceSettings
+
 from .calibration import SemanticCalibration
 from .clip_towers import GlobalClipOutput, build_clip, build_visual, global_clip_forward, patch_foreground, region_clip_forward
 from .config import ScanConfig
@@ -170,7 +172,8 @@ class ScanModel(nn.Module):
 
     # -- region classifier -----------------------------------------------------------------
     def classify_regions(
-        self, image: Tensor, mask_probs: Tensor, text_classifier: Tensor, shift_tokens: Tensor, rng=None
+        self, image: Tensor, mask_probs: Tensor, text_classifier: Tensor, shift_tokens: Tensor, rng=None,
+        settings: InferenceSettings | None = None,
     ) -> RegionClassification:
         """Crop every non-empty mask, classify it with the finetuned CLIP (SPEC §1.11-§1.12).
 
@@ -179,12 +182,14 @@ class ScanModel(nn.Module):
             mask_probs: (Q, H, W) sigmoid mask probabilities.
             text_classifier: (K+1, E).
             shift_tokens: (len(replace_layers), C) original-CLIP CLS tokens of the image.
+            settings: threshold and contextual-shift settings of this call (default: the config's).
         """
         inf = self.cfg.inference
+        settings = settings or inf.settings()
         batch = prepare_regions(
             image,
             mask_probs,
-            inf.mask_threshold,
+            settings.mask_threshold,
             self.clip_mean.flatten(),
             self.clip_std.flatten(),
             size=self.cfg.clip.vision["image_size"],
@@ -205,10 +210,10 @@ class ScanModel(nn.Module):
                     foreground,
                     shift_tokens,
                     inf.replace_layers,
-                    inf.replace_ratio,
-                    rule=inf.shift_rule,
+                    settings.replace_ratio,
+                    rule=settings.shift_rule,
                     rng=rng,
-                    seed=inf.shift_seed,
+                    seed=settings.shift_seed,
                 )
             )
         embed_dim = self.cfg.clip.embed_dim
@@ -218,20 +223,27 @@ class ScanModel(nn.Module):
         full[batch.valid] = logits
         return RegionClassification(full, batch.valid, batch, image_features)
 
-    def semantic_inference(self, class_logits: Tensor, regions: RegionClassification, mask_probs: Tensor) -> tuple[Tensor, Tensor]:
-        inf = self.cfg.inference
+    def semantic_inference(
+        self, class_logits: Tensor, regions: RegionClassification, mask_probs: Tensor, settings: InferenceSettings | None = None
+    ) -> tuple[Tensor, Tensor]:
+        settings = settings or self.cfg.inference.settings()
         scores = ensemble_class_scores(
-            class_logits, regions.clip_logits, regions.valid, inf.ensemble_weight, log_branch=inf.log_ensemble
+            class_logits, regions.clip_logits, regions.valid, settings.ensemble_weight, log_branch=settings.log_ensemble
         )
         return semantic_map(scores, mask_probs), scores
 
     @torch.no_grad()
-    def forward(self, image: Tensor, text_classifier: Tensor, rng=None, timings: dict | None = None) -> ScanOutput:
+    def forward(
+        self, image: Tensor, text_classifier: Tensor, rng=None, timings: dict | None = None,
+        settings: InferenceSettings | None = None,
+    ) -> ScanOutput:
         """One image: (1, 3, H, W) float RGB 0..255 (already resized) -> `ScanOutput`.
 
         `rng` (a `random.Random`) drives the official contextual-shift rule; `timings`, when
-        given, receives the wall time of each stage in seconds.
+        given, receives the wall time of each stage in seconds; `settings` are this call's
+        threshold, ensemble and shift settings (default: the config's).
         """
+        settings = settings or self.cfg.inference.settings()
         if image.shape[0] != 1:
             # The official region classifier takes batch 0's CLIP tokens for every region (B4).
             raise ValueError(f"ScanModel.forward takes one image at a time, got a batch of {image.shape[0]}")
@@ -243,9 +255,9 @@ class ScanModel(nn.Module):
         mask_probs = mask_logits.sigmoid()
         clock.lap("mask_decoder")
         shift_tokens = features.global_clip.layer_cls[0]
-        regions = self.classify_regions(image[0], mask_probs, text_classifier, shift_tokens, rng=rng)
+        regions = self.classify_regions(image[0], mask_probs, text_classifier, shift_tokens, rng=rng, settings=settings)
         clock.lap("clip_adapter")
-        sem_seg, scores = self.semantic_inference(decoded.class_logits[0], regions, mask_probs)
+        sem_seg, scores = self.semantic_inference(decoded.class_logits[0], regions, mask_probs, settings)
         clock.lap("ensemble")
         return ScanOutput(sem_seg, scores, mask_probs, decoded, regions)
 

@@ -15,15 +15,11 @@ import yaml
 
 from .calibration import CalibrationConfig
 from .clip_towers import clip_config
-from .config import InferenceConfig, ScanConfig
+from .config import ConfigError, InferenceConfig, ScanConfig
 from .mask_decoder import MaskDecoderConfig
 from .pixel_decoder import PixelDecoderConfig
 from .presets import PRESETS, preset
 from .swin import SwinConfig
-
-
-class ConfigError(ValueError):
-    """A config file that cannot be turned into a `ScanConfig`; the message says why."""
 
 
 # The only eval expression of the official configs, and what it evaluates to.

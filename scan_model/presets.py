@@ -8,9 +8,11 @@ official default contextual-shift ratio.
 
 from __future__ import annotations
 
+from runtime.settings import BENCHMARK_SETTINGS, LOG_ENSEMBLE_BENCHMARKS, benchmark_settings
+
 from .calibration import CalibrationConfig
 from .clip_towers import clip_config
-from .config import InferenceConfig, ScanConfig
+from .config import ConfigError, InferenceConfig, ScanConfig
 from .mask_decoder import MaskDecoderConfig
 from .pixel_decoder import PixelDecoderConfig
 from .swin import SwinConfig
@@ -58,26 +60,7 @@ def tiny() -> ScanConfig:
 
 
 PRESETS = {"tiny": tiny, "vitb": vitb, "vitl": vitl}
-
-# Official per-benchmark test settings (SPEC §5.3): mask threshold, ensemble weight,
-# contextual-shift ratio; the log ensemble is on for ADE-847 and PASCAL-Context-459.
-BENCHMARK_SETTINGS = {
-    "vitl": {
-        "ade847": (0.30, 0.75, 0.15),
-        "ade150": (0.55, 0.75, 0.05),
-        "pc459": (0.25, 0.65, 0.05),
-        "pc59": (0.50, 0.50, 0.05),
-        "voc20": (0.20, 0.65, 0.10),
-    },
-    "vitb": {
-        "ade847": (0.25, 0.75, 0.05),
-        "ade150": (0.40, 0.70, 0.05),
-        "pc459": (0.25, 0.70, 0.05),
-        "pc59": (0.25, 0.35, 0.05),
-        "voc20": (0.20, 0.45, 0.10),
-    },
-}
-LOG_ENSEMBLE_BENCHMARKS = ("ade847", "pc459")
+__all__ = ["BENCHMARK_SETTINGS", "LOG_ENSEMBLE_BENCHMARKS", "PRESETS", "apply_benchmark_settings", "preset"]
 
 
 def preset(name: str) -> ScanConfig:
@@ -85,16 +68,18 @@ def preset(name: str) -> ScanConfig:
     try:
         return PRESETS[name]()
     except KeyError:
-        raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}") from None
+        raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}") from None
 
 
 def apply_benchmark_settings(cfg: ScanConfig, benchmark: str) -> bool:
-    """Switch `cfg.inference` to the official settings for `benchmark`; False if none exist."""
-    table = BENCHMARK_SETTINGS.get(cfg.name, {})
-    if benchmark not in table:
+    """Switch `cfg.inference` to the official settings for `benchmark`; False if none exist.
+
+    Prefer passing `benchmark_settings(cfg.name, benchmark)` per call; this edits the config
+    for the callers that build a model for one benchmark.
+    """
+    values = benchmark_settings(cfg.name, benchmark)
+    if values is None:
         return False
-    thr, weight, ratio = table[benchmark]
-    inf = cfg.inference
-    inf.mask_threshold, inf.ensemble_weight, inf.replace_ratio = thr, weight, ratio
-    inf.log_ensemble = benchmark in LOG_ENSEMBLE_BENCHMARKS
+    for name, value in values.items():
+        setattr(cfg.inference, name, value)
     return True

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from runtime.errors import ScanError
 from runtime.images import ImageError, load_image, resize_shortest_edge
+from runtime.result import SegmentationResult
+from runtime.settings import InferenceSettings, benchmark_settings
 from runtime.vocab import parse_vocabulary
 
 from .model import ScanModel
@@ -22,22 +24,6 @@ from .model import ScanModel
 # Classes resized to the original image size at once when painting the label map: bounds
 # memory for large vocabularies on large images.
 _CLASS_CHUNK = 64
-
-
-@dataclass
-class SegmentationResult:
-    label_map: np.ndarray  # (H, W) int64 class indices at the input image's size
-    classes: list[str]
-    sem_seg: np.ndarray | None = None  # (K, H, W) float32 scores, when asked for
-    timings: dict[str, float] = field(default_factory=dict)
-    model_input_size: tuple[int, int] = (0, 0)
-    num_regions: int = 0  # masks that passed the threshold and went through the region CLIP
-
-    @property
-    def present(self) -> list[int]:
-        """Class indices that occur in the label map, most pixels first."""
-        counts = np.bincount(self.label_map.ravel(), minlength=len(self.classes))
-        return [int(i) for i in np.argsort(-counts, kind="stable") if counts[i] > 0]
 
 
 class EagerSegmenter:
@@ -74,11 +60,27 @@ class EagerSegmenter:
         self.classes = names
         return names
 
+    @property
+    def settings(self) -> InferenceSettings:
+        """The default settings of a call: the model config's."""
+        return self.model.cfg.inference.settings()
+
+    def settings_for(self, benchmark: str) -> InferenceSettings:
+        """The official settings of `benchmark` (ade150, ...) for this model, or the defaults if it has none."""
+        return self.settings.replace(**(benchmark_settings(self.model.cfg.name, benchmark) or {}))
+
     @torch.no_grad()
-    def segment(self, image, return_scores: bool = False) -> SegmentationResult:
-        """One image (path, PIL image or HxWx3 uint8 array) -> `SegmentationResult`."""
+    def segment(
+        self, image, return_scores: bool = False, settings: InferenceSettings | None = None, **overrides
+    ) -> SegmentationResult:
+        """One image (path, PIL image or HxWx3 uint8 array) -> `SegmentationResult`.
+
+        `settings` (default: the model's) with `overrides` (mask_threshold, ensemble_weight,
+        replace_ratio, log_ensemble, shift_rule, shift_seed) apply to this call only.
+        """
         if self._classifier is None:
-            raise ValueError("no vocabulary set: call set_vocabulary(names) first")
+            raise ScanError("no vocabulary set: call set_vocabulary(names) first")
+        settings = (settings or self.settings).replace(**overrides)
         timings: dict[str, float] = {}
         start = time.perf_counter()
         array = load_image(image)
@@ -96,7 +98,7 @@ class EagerSegmenter:
         tensor = tensor.permute(2, 0, 1)[None].float()
         timings["preprocess"] = time.perf_counter() - start
 
-        out = self.model(tensor, self._classifier, rng=self.rng, timings=timings)
+        out = self.model(tensor, self._classifier, rng=self.rng, timings=timings, settings=settings)
 
         start = time.perf_counter()
         label_map, scores = _postprocess(out.sem_seg, (height, width), return_scores)

@@ -71,3 +71,65 @@ def fixtures_root() -> Path:
     if not FIXTURES_ROOT.is_dir():
         pytest.skip(f"fixtures not found at {FIXTURES_ROOT}")
     return FIXTURES_ROOT
+
+
+# -- one exported `tiny` bundle per test session ----------------------------------------------
+# Exporting takes minutes on two cores, so the export, runtime, TensorRT-gate, doctor and CLI
+# tests share this bundle: four pieces with fp16 variants, a voc20 text cache and, where
+# tensorrt-rtx is installed, ahead-of-time engines.
+
+BUNDLE_EXAMPLE = (128, 160, 5, 6)  # height, width, classes, masks of the export example
+BUNDLE_CHECKS = ((96, 224, 3, 3), (160, 96, 9, 11))
+
+
+def rtx_available() -> bool:
+    try:
+        import tensorrt_rtx  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+@dataclass
+class ExportedBundle:
+    path: Path
+    manifest: object  # runtime.manifest.Manifest
+    log: list[str]
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    from scan_model.loading import load_model
+
+    return load_model(None, "tiny", seed=0).model
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_model, tmp_path_factory) -> ExportedBundle:
+    from export.bundle import write_bundle
+    from export.onnx_export import Shape
+    from export.tensorrt import ShapeRanges
+    from runtime.vocab import benchmark_vocabularies
+
+    out = tmp_path_factory.mktemp("bundle") / "tiny"
+    log: list[str] = []
+    ranges = ShapeRanges(height=(64, 320, 640), width=(64, 320, 640), classes=(1, 10, 200), masks=(1, 16, 100),
+                         prompts=(1, 16, 256))
+    manifest = write_bundle(
+        tiny_model, out, None, {"voc20": benchmark_vocabularies()["voc20"]},
+        example=Shape(*BUNDLE_EXAMPLE), checks=tuple(Shape(*c) for c in BUNDLE_CHECKS),
+        precision="fp16", tensorrt=rtx_available(), ranges=ranges, trt_backend="tensorrt_rtx", report=log.append,
+    )
+    return ExportedBundle(out, manifest, log)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_user_cache(tmp_path_factory):
+    """Text-embedding and engine caches go to a temporary folder, never the user's (platformdirs reads XDG)."""
+    previous = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("user_cache"))
+    yield
+    if previous is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = previous

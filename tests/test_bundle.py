@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from cli import app
 from export.bundle import MANIFEST, BundleError, check_destination, sha256_file, write_bundle
 from export.onnx_export import ExportError, Shape
+from runtime.manifest import SCHEMA_VERSION, TensorSpec, read_manifest
 from runtime.vocab import VocabularyError, benchmark_vocabularies, parse_vocabulary
 from scan_model.loading import load_model
 
@@ -26,20 +27,21 @@ def test_bundle_contents(model, tmp_path):
     out = tmp_path / "bundle"
     voc = benchmark_vocabularies()["voc20"]
     manifest = write_bundle(model, out, "abc", {"voc20": voc}, **SMALL)
-    on_disk = json.loads((out / MANIFEST).read_text())
-    assert on_disk == json.loads(json.dumps(manifest))
-    assert on_disk["schema_version"] == 1 and on_disk["model"]["checkpoint_sha256"] == "abc"
-    piece = on_disk["pieces"]["text_encoder"]
-    assert piece["sha256"] == sha256_file(out / piece["file"])
-    assert piece["inputs"][0] == {"name": "tokens", "dtype": "int64", "shape": ["prompts", 77]}
-    assert len(piece["parity"]) == 2 and all(v <= 1e-3 for p in piece["parity"] for v in p["max_rel"].values())
-    cache = on_disk["text_caches"]["voc20"]
-    with np.load(out / cache["file"]) as data:
+    on_disk = read_manifest(out)
+    assert on_disk == manifest and json.loads((out / MANIFEST).read_text()) == manifest.to_dict()
+    assert on_disk.schema_version == SCHEMA_VERSION and on_disk.model.checkpoint_sha256 == "abc"
+    piece = on_disk.pieces["text_encoder"]
+    assert piece.sha256 == sha256_file(out / piece.file) and piece.bytes == (out / piece.file).stat().st_size
+    assert piece.inputs[0] == TensorSpec("tokens", "int64", ["prompts", 77])
+    assert len(piece.parity) == 2 and all(v <= 1e-3 for p in piece.parity for v in p.max_rel.values())
+    cache = on_disk.text_caches["voc20"]
+    assert cache.classes == len(voc) and cache.sha256 == sha256_file(out / cache.file)
+    with np.load(out / cache.file) as data:
         assert list(data["names"]) == voc
         expected = model.encode_text(voc).numpy()
         assert np.abs(data["embeddings"] - expected).max() < 1e-6
     assert (out / "tokenizer" / "bpe_simple_vocab_16e6.txt.gz").is_file()
-    assert cache["file"].startswith(f"text_cache/{piece['sha256'][:16]}-vild-")
+    assert cache.file.startswith(f"text_cache/{piece.sha256[:16]}-vild-")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary folders left behind"
 
 

@@ -10,7 +10,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cli import app
-from scan_model.synthetic import synthetic_scene
+from runtime.synthetic import synthetic_scene
 
 runner = CliRunner()
 
@@ -39,7 +39,7 @@ def _segment(images, out, *extra):
 
 def test_segment_writes_label_overlay_and_logits(scene, tmp_path):
     out = tmp_path / "out"
-    result = _segment([scene], out, "--save-logits")
+    result = _segment([scene], out, "--save-logits", "--no-resize")
     assert result.exit_code == 0, result.output
     label = np.asarray(Image.open(out / "scene.png"))
     assert label.shape == (96, 128) and label.max() < 3

@@ -306,3 +306,46 @@ def test_export_region_clip_dynamic_n(random_clip):
             d = rel_diff(exported(regions[:k], foreground[:k], shift), model(regions[:k], foreground[:k], shift))
             print(f"exported vs eager at N={k}: rel_diff {d:.2e}")
             assert d <= 1e-5
+
+
+def test_per_layer_keys_select_official_counts_at_every_layer():
+    """The exported graph's selection: counts table + a permutation per layer and region."""
+    import numpy as np
+
+    from runtime.settings import random_shift_keys, shift_counts, shift_key
+    from scan_model.clip_towers import ranked_shift_selection
+
+    num_patches = 196
+    background = ~patch_foreground(_random_masks(6, generator=torch.Generator().manual_seed(4)), 16)
+    assert torch.equal(contextual_shift_key(num_patches, 5), torch.from_numpy(shift_key(num_patches, 5)))
+    for ratio in (0.0, 0.05, 0.29, 0.5):
+        counts = torch.tensor(shift_counts(num_patches, ratio))
+        keys = torch.from_numpy(random_shift_keys(3, 6, num_patches, np.random.default_rng(1)))
+        sel = ranked_shift_selection(background, counts, keys)
+        assert sel.shape == (3, 6, num_patches)
+        expected = torch.tensor([int(ratio * int(c)) for c in background.sum(1)])
+        assert all(torch.equal(layer.sum(1), expected) for layer in sel), ratio
+        assert not (sel & ~background).any(), "a foreground patch was selected"
+        if ratio >= 0.29:
+            assert not torch.equal(sel[0], sel[1])  # fresh draws per layer, as random.sample per layer
+        # one key repeated for every layer and region is the deterministic rule
+        key = contextual_shift_key(num_patches, 2)
+        repeated = ranked_shift_selection(background, counts, key.expand(3, 6, num_patches))
+        single = deterministic_shift_selection(background, ratio, key)
+        assert all(torch.equal(layer, single) for layer in repeated)
+
+
+def test_selection_input_equals_the_deterministic_rule(random_clip):
+    """region_clip_forward(selection=...) (the export path) equals the rule computed inside."""
+    from runtime.settings import shift_counts
+    from scan_model.clip_towers import ranked_shift_selection
+
+    cfg, clip, regions, masks, shift, plain = random_clip
+    foreground = patch_foreground(masks, cfg.patch_size)
+    key = contextual_shift_key(cfg.num_patches, seed=3)
+    counts = torch.tensor(shift_counts(cfg.num_patches, 0.15))
+    selection = ranked_shift_selection(~foreground, counts, key.expand(len(REPLACE_LAYERS), regions.shape[0], -1))
+    with torch.no_grad():
+        inside = region_clip_forward(clip.visual, regions, foreground, shift, REPLACE_LAYERS, 0.15, shift_key=key)
+        given = region_clip_forward(clip.visual, regions, foreground, shift, REPLACE_LAYERS, 0.0, selection=selection)
+    assert torch.equal(inside, given)

@@ -7,12 +7,14 @@ import sys
 
 import numpy as np
 import pytest
+
+from runtime.errors import ScanError
 from PIL import Image
 
 from conftest import PROJECT_ROOT
 from scan_model.loading import load_model
 from scan_model.segmenter import EagerSegmenter
-from scan_model.synthetic import synthetic_scene
+from runtime.synthetic import synthetic_scene
 
 
 @pytest.fixture(scope="module")
@@ -53,24 +55,19 @@ def test_vocabulary_cache_encodes_only_new_names(segmenter):
 
 def test_deterministic_and_official_shift_rules(segmenter):
     image = synthetic_scene(64, 64, seed=5)
-    inf = segmenter.model.cfg.inference
     segmenter.set_vocabulary(["sky", "grass", "house"])
-    old = (inf.replace_ratio, inf.shift_rule)
-    try:
-        inf.replace_ratio = 0.5
-        first = segmenter.segment(image, return_scores=True).sem_seg
-        again = segmenter.segment(image, return_scores=True).sem_seg
-        assert np.array_equal(first, again)  # deterministic rule: same result every time
-        inf.shift_rule = "official"
-        official = segmenter.segment(image, return_scores=True).sem_seg
-        assert official.shape == first.shape and not np.array_equal(official, first)
-    finally:
-        inf.replace_ratio, inf.shift_rule = old
+    before = segmenter.model.cfg.inference.settings()
+    first = segmenter.segment(image, return_scores=True, replace_ratio=0.5).sem_seg
+    again = segmenter.segment(image, return_scores=True, replace_ratio=0.5).sem_seg
+    assert np.array_equal(first, again)  # deterministic rule: same result every time
+    official = segmenter.segment(image, return_scores=True, replace_ratio=0.5, shift_rule="official").sem_seg
+    assert official.shape == first.shape and not np.array_equal(official, first)
+    assert segmenter.model.cfg.inference.settings() == before  # settings of a call never stick
 
 
 def test_segment_needs_a_vocabulary():
     seg = EagerSegmenter(load_model(None, "tiny", seed=0).model)
-    with pytest.raises(ValueError, match="set_vocabulary"):
+    with pytest.raises(ScanError, match="set_vocabulary"):
         seg.segment(np.zeros((8, 8, 3), np.uint8))
 
 

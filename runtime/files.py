@@ -1,0 +1,51 @@
+"""Files: hashing, atomic writes, and checking a bundle's files against its manifest."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+from .errors import BundleError
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call `write(tmp_path)` and rename onto `path`: readers never see a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def verify_files(root: Path, records, hashes: bool = True) -> None:
+    """Each recorded file exists with its size (and, with `hashes`, its sha256); one line otherwise."""
+    for record in records:
+        path = Path(root) / record.file
+        if not path.is_file():
+            raise BundleError(f"bundle {root} is missing {record.file}: copy the whole bundle folder, or re-export it")
+        size = path.stat().st_size
+        if size != record.bytes:
+            raise BundleError(
+                f"bundle file {record.file} has {size} bytes, the manifest says {record.bytes}: it was altered or "
+                "truncated; copy the bundle again or re-export it"
+            )
+        if hashes and sha256_file(path) != record.sha256:
+            raise BundleError(
+                f"bundle file {record.file} does not match its sha256 in the manifest: it was altered; "
+                "copy the bundle again or re-export it"
+            )

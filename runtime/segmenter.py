@@ -1,0 +1,242 @@
+"""`Segmenter`: a bundle run with numpy and ONNX Runtime or TensorRT, no PyTorch.
+
+The pipeline is the eager model's (`scan_model.segmenter.EagerSegmenter`), stage for stage:
+the official test resize, both normalisations and padding, the CLIP 224 squash (numpy);
+the image encoder and mask decoder (graphs); mask upsampling and thresholding (numpy); the
+CLIP adapter on the valid proposals only, in chunks that bound memory (graph); the ensemble,
+the mask-weighted sum, resize to the input size and a chunked argmax (numpy).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ScanError
+from .files import verify_files
+from .images import ImageError, load_image, resize_shortest_edge
+from .manifest import Manifest, read_manifest
+from .postprocess import ensemble_class_scores, labels_from_scores, sigmoid, upsample_masks
+from .preprocess import nearest_square, normalise_and_pad
+from .result import SegmentationResult
+from .settings import InferenceSettings, benchmark_settings, random_shift_keys, shift_counts, shift_key
+from .vocab import parse_vocabulary
+
+BACKENDS = ("onnxruntime", "tensorrt")
+PIECE_NAMES = ("image_encoder", "mask_decoder", "clip_adapter", "text_encoder")
+# Bytes of mask probabilities and crop intermediates per CLIP-adapter call: bounds peak memory
+# whatever the number of valid proposals and the image size.
+_REGION_BUDGET = 64 << 20
+
+
+class Segmenter:
+    """Segment images with an exported bundle.
+
+    Args:
+        bundle: the folder `scan export --out` wrote.
+        backend: "onnxruntime" (CPU, or CUDA with onnxruntime-gpu) or "tensorrt" (the bundle's
+            engines for this GPU and TensorRT version, built on first use when missing).
+        providers: ONNX Runtime execution providers (default: CUDA where available, then CPU).
+        threads: intra-op threads of ONNX Runtime (default: all cores).
+        precision: "fp32", or "fp16" for the bundle's fp16 pieces/engines.
+        graph_optimization: ONNX Runtime's level: disable, basic, extended or all.
+        resize: apply the official test resize (shortest edge 640, long edge at most 2560);
+            False feeds images at their own size (padding to /32 still applies).
+        verify: "hash" checks every file's size and sha256 against the manifest, "size" only sizes.
+        cache_dir: root of the persistent text-embedding cache (default: the user cache folder).
+        report: where progress lines go (TensorRT engine builds).
+    """
+
+    def __init__(self, bundle: str | Path, backend: str = "onnxruntime", providers=None, threads: int | None = None,
+                 precision: str = "fp32", graph_optimization: str = "all", resize: bool = True, verify: str = "hash",
+                 cache_dir: str | Path | None = None, report=None):
+        if backend not in BACKENDS:
+            raise ScanError(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+        if precision not in ("fp32", "fp16"):
+            raise ScanError(f"precision {precision!r}: choose fp32 or fp16")
+        if verify not in ("hash", "size"):
+            raise ScanError(f"verify {verify!r}: choose hash or size")
+        self.root = Path(bundle)
+        self.manifest: Manifest = read_manifest(self.root)
+        self.backend = backend
+        self.precision = precision
+        self.resize = resize
+        missing = [p for p in PIECE_NAMES if p not in self.manifest.pieces]
+        if missing:
+            raise ScanError(f"bundle {self.root} lacks the piece(s) {', '.join(missing)}: export the whole model with `scan export`")
+        files = [f for p in PIECE_NAMES for f in self.manifest.pieces[p].variant(precision).files()]
+        verify_files(self.root, [*files, self.manifest.tokenizer.bpe, *self.manifest.text_caches.values()],
+                     hashes=verify == "hash")
+        self.runners = self._open(backend, providers, threads, graph_optimization, report or print)
+        self._text = self._text_embedder(cache_dir)
+        inf = self.manifest.inference
+        self.settings = InferenceSettings(
+            mask_threshold=inf.mask_threshold, ensemble_weight=inf.ensemble_weight, replace_ratio=inf.replace_ratio,
+            log_ensemble=inf.log_ensemble, shift_rule=inf.shift_rule, shift_seed=inf.shift_seed,
+        )
+        self._non_object = np.asarray(self.manifest.non_object_embedding, dtype=np.float32)[None]
+        self._classifier: np.ndarray | None = None
+        self._shift_rngs: dict[int, np.random.Generator] = {}
+        self.classes: list[str] = []
+
+    # -- set-up ------------------------------------------------------------------------------
+    def _open(self, backend, providers, threads, optimization, report) -> dict:
+        if backend == "tensorrt":
+            from .trt_engine import open_engines
+
+            return open_engines(self.root, self.manifest, self.precision, report=report)
+        from .onnxruntime_backend import OnnxRuntimeRunner
+
+        return {
+            name: OnnxRuntimeRunner(name, self.root / self.manifest.pieces[name].variant(self.precision).file, providers,
+                                    threads, optimization, self.precision)
+            for name in PIECE_NAMES
+        }
+
+    def _text_embedder(self, cache_dir):
+        from .text import TextEmbedder
+        from .tokenizer import ClipTokenizer
+
+        spec = self.manifest.tokenizer
+        tokenizer = ClipTokenizer.from_file(self.root / spec.bpe.file, spec.context_length, spec.sot, spec.eot)
+        encoder = self.runners["text_encoder"]
+        return TextEmbedder(self.root, self.manifest, tokenizer, lambda tokens: encoder.run({"tokens": tokens})["text_features"],
+                            cache_dir=None if cache_dir is None else Path(cache_dir))
+
+    @property
+    def text_encoder_calls(self) -> int:
+        """How many times the text encoder ran (a warm vocabulary costs none)."""
+        return self._text.encoder_calls
+
+    def settings_for(self, benchmark: str) -> InferenceSettings:
+        """The official settings of `benchmark` (ade150, ade847, pc59, pc459, voc20) for this model."""
+        recorded = self.manifest.inference.benchmark_settings.get(benchmark)
+        values = vars(recorded) if recorded is not None else benchmark_settings(self.manifest.model.name, benchmark)
+        return self.settings.replace(**(values or {}))
+
+    def set_vocabulary(self, vocabulary) -> list[str]:
+        """Names, a preset or a file (see `runtime.vocab.parse_vocabulary`); only unknown names are encoded."""
+        names = parse_vocabulary(vocabulary)
+        embeddings = self._text.embeddings(names)
+        self._classifier = np.ascontiguousarray(np.concatenate([embeddings, self._non_object]).astype(np.float32))
+        self.classes = names
+        return names
+
+    # -- segmentation --------------------------------------------------------------------------
+    def segment(self, image, return_scores: bool = False, settings: InferenceSettings | None = None,
+                **overrides) -> SegmentationResult:
+        """One image (path, PIL image or HxWx3 uint8 array) -> `SegmentationResult`.
+
+        `settings` (default: the bundle's) with `overrides` (mask_threshold, ensemble_weight,
+        replace_ratio, log_ensemble, shift_rule, shift_seed) apply to this call only.
+        """
+        if self._classifier is None:
+            raise ScanError("no vocabulary set: call set_vocabulary(names) first")
+        settings = (settings or self.settings).replace(**overrides)
+        timings: dict[str, float] = {}
+        clock = _Clock(timings)
+        array = load_image(image)
+        height, width = array.shape[:2]
+        pre = self.manifest.preprocess
+        if not self.resize and max(height, width) > pre.max_size_test:
+            raise ImageError(
+                f"image of {width}x{height} exceeds {pre.max_size_test} pixels on its long side; "
+                "drop --no-resize (the official test resize) or shrink the image"
+            )
+        resized = resize_shortest_edge(array, pre.min_size_test, pre.max_size_test) if self.resize else array
+        proposals = self._propose(resized, clock)
+        label_map, sem_seg, regions = self._decide(resized, proposals, settings, (height, width), return_scores, clock)
+        return SegmentationResult(label_map, list(self.classes), sem_seg, timings, tuple(resized.shape[:2]), regions)
+
+    def _propose(self, resized: np.ndarray, clock: "_Clock") -> "_Proposals":
+        """Pre-processing, image encoder and mask decoder: mask probabilities at the resized size."""
+        pre = self.manifest.preprocess
+        swin = normalise_and_pad(resized, pre.pixel_mean, pre.pixel_std, pre.size_divisibility)
+        clip_padded = normalise_and_pad(resized, pre.clip_mean, pre.clip_std, pre.size_divisibility)
+        clip_image = nearest_square(clip_padded, pre.clip_image_size)
+        clock.lap("preprocess")
+        encoded = self.runners["image_encoder"].run({"image": swin, "clip_image": clip_image})
+        clock.lap("image_encoder")
+        decoded = self.runners["mask_decoder"].run({
+            **{k: encoded[k] for k in ("mask_features", "features_0", "features_1", "features_2", "clip_context", "global_cls")},
+            "text_classifier": self._classifier,
+        })
+        logits = upsample_masks(decoded["mask_logits"][0], swin.shape[-2:], resized.shape[:2])
+        probs = sigmoid(logits, out=logits)  # in place: the (Q, h, w) array is the largest of the pipeline
+        clock.lap("mask_decoder")
+        return _Proposals(decoded["class_logits"][0], probs, encoded["shift_tokens"][0])
+
+    def segment_batch(self, images, return_scores: bool = False, settings: InferenceSettings | None = None,
+                      **overrides) -> list[SegmentationResult]:
+        """Several images with the same settings; results in order (one image in memory at a time)."""
+        return [self.segment(image, return_scores, settings, **overrides) for image in images]
+
+    def _decide(self, resized: np.ndarray, proposals: "_Proposals", settings: InferenceSettings,
+                out_size: tuple[int, int], return_scores: bool, clock: "_Clock"):
+        """Valid proposals, CLIP adapter, ensemble, semantic map, resize and argmax: (labels, scores, regions)."""
+        probs = proposals.probs
+        valid = probs.reshape(probs.shape[0], -1).max(axis=1) > settings.mask_threshold
+        region_logits = self._classify_regions(resized, probs, valid, proposals.shift_tokens, settings)
+        clock.lap("clip_adapter")
+        scores = ensemble_class_scores(proposals.class_logits, region_logits, valid, settings.ensemble_weight,
+                                       log_branch=settings.log_ensemble)
+        clock.lap("ensemble")
+        label_map, sem_seg = labels_from_scores(scores, probs, out_size, keep_scores=return_scores)
+        clock.lap("postprocess")
+        return label_map, sem_seg, int(valid.sum())
+
+    def _classify_regions(self, image: np.ndarray, probs: np.ndarray, valid: np.ndarray, shift_tokens: np.ndarray,
+                          settings: InferenceSettings) -> np.ndarray:
+        """(Q, K+1) region-CLIP logits; rows of invalid proposals stay zero (the ensemble ignores them)."""
+        inf = self.manifest.inference
+        logits = np.zeros((probs.shape[0], self._classifier.shape[0]), dtype=np.float32)
+        index = np.flatnonzero(valid)
+        if index.size == 0:
+            return logits
+        height, width = probs.shape[-2:]
+        per_mask = 4 * height * width + 4 * 3 * 4 * 224 * max(height, width) * 2
+        chunk = int(np.clip(_REGION_BUDGET // per_mask, 1, 32))
+        chw = np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)
+        counts = np.asarray(shift_counts(inf.shift_patches, settings.replace_ratio), dtype=np.int64)
+        layers = len(inf.replace_layers)
+        fixed_key = shift_key(inf.shift_patches, settings.shift_seed)
+        rng = self._shift_rngs.setdefault(settings.shift_seed, np.random.default_rng(settings.shift_seed))
+        runner = self.runners["clip_adapter"]
+        for start in range(0, index.size, chunk):
+            rows = index[start : start + chunk]
+            if settings.shift_rule == "official":
+                keys = random_shift_keys(layers, rows.size, inf.shift_patches, rng)
+            else:
+                keys = np.ascontiguousarray(np.broadcast_to(fixed_key, (layers, rows.size, inf.shift_patches)))
+            out = runner.run({
+                "image": chw,
+                "mask_probs": np.ascontiguousarray(probs[rows]),
+                "mask_threshold": np.asarray(settings.mask_threshold, dtype=np.float32),
+                "shift_tokens": shift_tokens,
+                "text_classifier": self._classifier,
+                "shift_counts": counts,
+                "shift_keys": keys,
+            })
+            logits[rows] = out["region_logits"]
+        return logits
+
+
+@dataclass
+class _Proposals:
+    class_logits: np.ndarray  # (Q, K+1) calibrated in-vocabulary logits
+    probs: np.ndarray  # (Q, h, w) mask probabilities at the resized image size
+    shift_tokens: np.ndarray  # (R, C) original-CLIP CLS tokens at the replace layers
+
+
+class _Clock:
+    def __init__(self, timings: dict):
+        self.timings = timings
+        self.last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.timings[name] = self.timings.get(name, 0.0) + now - self.last
+        self.last = now
