@@ -7,14 +7,13 @@ import sys
 
 import numpy as np
 import pytest
-
-from runtime.errors import ScanError
 from PIL import Image
 
 from conftest import PROJECT_ROOT
+from runtime.errors import ScanError
+from runtime.synthetic import synthetic_scene
 from scan_model.loading import load_model
 from scan_model.segmenter import EagerSegmenter
-from runtime.synthetic import synthetic_scene
 
 
 @pytest.fixture(scope="module")
