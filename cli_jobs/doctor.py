@@ -106,11 +106,8 @@ def bundle_report(root: Path, build: bool) -> list[str]:
         lines.append(f"  engines/{folder}: {', '.join(info.pieces)} ({info.backend} {info.version})")
     precisions = ["fp32"] + (["fp16"] if all(p.fp16 is not None for p in manifest.pieces.values()) else [])
     lines.append("TensorRT gate (" + ("parse and build" if build else "parse only; --build to build too") + "):")
-    try:
-        from export.engines import gate_bundle
-    except ImportError:
-        lines.append("  skipped: the gate uses the export tools (pip install scan-deploy[export])")
-        return lines
+    from export.engines import gate_bundle
+
     for precision in precisions:
         try:
             results = gate_bundle(root, precision, build=build)

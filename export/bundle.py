@@ -24,8 +24,6 @@ from runtime.manifest import (
     MANIFEST,
     SCHEMA_VERSION,
     BenchmarkSetting,
-    EngineFolder,
-    EnginePlan,
     FileRecord,
     InferenceDefaults,
     Manifest,
@@ -91,25 +89,6 @@ def check_destination(out: Path) -> None:
         raise BundleError(f"cannot write into {parent}: permission denied")
 
 
-def _io_contract(proto_path: Path) -> dict:
-    import onnx
-
-    proto = onnx.load(str(proto_path), load_external_data=False)
-    names = {1: "float32", 7: "int64", 9: "bool", 10: "float16"}
-
-    def describe(values):
-        return [
-            {
-                "name": v.name,
-                "dtype": names.get(v.type.tensor_type.elem_type, str(v.type.tensor_type.elem_type)),
-                "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim],
-            }
-            for v in values
-        ]
-
-    return {"inputs": describe(proto.graph.input), "outputs": describe(proto.graph.output)}
-
-
 def write_bundle(
     model: ScanModel,
     out: Path,
@@ -153,8 +132,7 @@ def write_bundle(
             from .engines import build_bundle_engines
 
             sources = {n: (r.fp16 if precision == "fp16" else r).path for n, r in records.items()}
-            built = build_bundle_engines(tmp, sources, ranges or ShapeRanges(), precision, trt_backend, report)
-            manifest.engines = {folder: _engine_record(tmp, info) for folder, info in built.items()}
+            manifest.engines = build_bundle_engines(tmp, sources, ranges or ShapeRanges(), precision, trt_backend, report)
         write_manifest(tmp, manifest)
         if set(records) == set(PIECES):
             manifest.pipeline_check = pipeline_check(model, tmp, [example, *checks], precision, report)
@@ -357,18 +335,6 @@ def _manifest(model: ScanModel, records: dict[str, PieceExport], root: Path, che
             "python": platform.python_version(),
         },
     )
-
-
-def _engine_record(root: Path, info) -> EngineFolder:
-    """The manifest's record of one engine folder, with each plan's size and hash."""
-    if isinstance(info, EngineFolder):
-        return info
-    plans = {}
-    for piece, entry in info["pieces"].items():
-        record = file_record(root, root / entry["file"])
-        plans[piece] = EnginePlan(record.file, record.sha256, record.bytes, onnx=entry["onnx"], profile=entry["profile"])
-    ranges = {k: list(v) for k, v in info["ranges"].items()}
-    return EngineFolder(info["backend"], info["version"], info["gpu"], info["precision"], ranges, info["timing_cache"], plans)
 
 
 def _text_caches(model: ScanModel, root: Path, vocabularies: dict[str, list[str]], manifest: Manifest) -> dict[str, TextCache]:

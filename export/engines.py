@@ -15,7 +15,7 @@ from pathlib import Path
 from runtime.errors import ScanError
 from runtime.engine_store import input_dims
 from runtime.files import sha256_file
-from runtime.manifest import read_manifest
+from runtime.manifest import EngineFolder, EnginePlan, read_manifest
 from runtime.tensorrt import (
     BuildResult, ShapeRanges, build_engine, engine_folder_name, gpu_identity, load_tensorrt, piece_profiles, profile_record,
 )
@@ -61,17 +61,13 @@ def build_bundle_engines(
             continue
         plan = target / f"{piece}.plan"
         plan.write_bytes(result.engine)
-        pieces[piece] = {
-            "file": plan.relative_to(root).as_posix(),
-            "onnx": path.name,
-            "bytes": result.engine_bytes,
-            "sha256": sha256_file(plan),
-            "profile": profile_record(result.profile),
-        }
+        pieces[piece] = EnginePlan(plan.relative_to(root).as_posix(), sha256_file(plan), result.engine_bytes,
+                                   onnx=path.name, profile=profile_record(result.profile))
     if failures:
         raise EngineBuildError("TensorRT could not build every piece: " + " | ".join(failures))
-    return {folder: {**info, "ranges": asdict(ranges), "timing_cache": cache.relative_to(root).as_posix() if cache else None,
-                     "pieces": pieces}}
+    ranges_record = {k: list(v) for k, v in asdict(ranges).items()}
+    timing = cache.relative_to(root).as_posix() if cache else None
+    return {folder: EngineFolder(info["backend"], info["version"], info["gpu"], precision, ranges_record, timing, pieces)}
 
 
 def gate_bundle(root: Path, precision: str = "fp32", ranges: ShapeRanges | None = None, backend: str | None = None,

@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
 from .errors import ScanError
-from .files import atomic_write, sha256_file, verify_files
+from .files import atomic_write, sha256_file, user_cache_root, verify_files
 from .manifest import MANIFEST, EngineFolder, Manifest, PieceFile
 from .tensorrt import (
     BACKENDS, ShapeRanges, build_engine, engine_folder_name, load_tensorrt, piece_profiles, profile_record,
@@ -39,12 +38,7 @@ def input_dims(piece: PieceFile) -> dict[str, list]:
 
 def cache_root(bundle_root: Path) -> Path:
     """The user-cache folder for engines of a bundle that cannot be written to."""
-    try:
-        from platformdirs import user_cache_dir
-
-        base = Path(user_cache_dir("scan-deploy"))
-    except ImportError:  # platformdirs is small but optional: the XDG default is what it would give on Linux
-        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "scan-deploy"
+    base = user_cache_root()
     manifest = Path(bundle_root) / MANIFEST
     return base / "engines" / sha256_file(manifest)[:16]
 

@@ -7,7 +7,14 @@ import os
 import tempfile
 from pathlib import Path
 
+import platformdirs
+
 from .errors import BundleError
+
+
+def user_cache_root() -> Path:
+    """The per-user cache folder of scan-deploy (text embeddings, runtime-built engines)."""
+    return Path(platformdirs.user_cache_dir("scan-deploy"))
 
 
 def sha256_file(path: Path) -> str:

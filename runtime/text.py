@@ -28,11 +28,10 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import platformdirs
 from filelock import FileLock
 
 from .errors import BundleError, ScanError
-from .files import atomic_write, sha256_file
+from .files import atomic_write, sha256_file, user_cache_root
 from .manifest import Manifest
 
 MAGIC = b"SCANTXT1"
@@ -61,10 +60,6 @@ def _remove(path: Path) -> None:
         pass
 
 
-def default_cache_root() -> Path:
-    return Path(platformdirs.user_cache_dir("scan-deploy"))
-
-
 class TextEmbedder:
     """(K, E) unit-norm class embeddings, row k for names[k]; `encoder_calls` counts encoder runs."""
 
@@ -90,7 +85,7 @@ class TextEmbedder:
         self.encoder = piece.sha256[:16]
         templates_hash = hashlib.sha256("\n".join(self.templates).encode()).hexdigest()[:8]
         self.key = f"{template_set}-{templates_hash}"
-        self.folder = Path(cache_dir or default_cache_root()) / "text" / f"{self.encoder}-{self.key}"
+        self.folder = Path(cache_dir or user_cache_root()) / "text" / f"{self.encoder}-{self.key}"
         self.tokenize, self.encode_tokens, self.batch_size = tokenize, encode_tokens, batch_size
         self.encoder_calls = 0
         self.prompts_encoded = 0

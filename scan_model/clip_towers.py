@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from open_clip.transformer import LayerNorm, VisionTransformer
 from torch import Tensor, nn
 
-from runtime.settings import shift_counts, shift_key
+from runtime.settings import SHIFT_RULES, shift_counts, shift_key
 
 # Our own copy of the model configs (open_clip's model_configs/*.json for the official names, the
 # fixture README for SCAN-tiny-16). open_clip's global registry is never mutated.
@@ -57,7 +57,6 @@ PRETRAINED_FILES: dict[str, str] = {
     "(or open_clip_model.safetensors)",
 }
 
-SHIFT_RULES = ("deterministic", "official")
 
 
 @dataclass

@@ -11,7 +11,7 @@ import typing
 from dataclasses import dataclass, field
 
 from runtime.errors import ScanError
-from runtime.settings import SHIFT_RULES, InferenceSettings, SettingsError
+from runtime.settings import InferenceSettings, SettingsError
 
 from .calibration import CalibrationConfig
 from .clip_towers import ClipConfig
@@ -55,14 +55,7 @@ class InferenceConfig:
 
     def settings(self) -> InferenceSettings:
         """The per-call settings these defaults stand for (validated)."""
-        return InferenceSettings(
-            mask_threshold=self.mask_threshold,
-            ensemble_weight=self.ensemble_weight,
-            replace_ratio=self.replace_ratio,
-            log_ensemble=self.log_ensemble,
-            shift_rule=self.shift_rule,
-            shift_seed=self.shift_seed,
-        )
+        return InferenceSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(InferenceSettings)})
 
     def validate(self) -> None:
         self.settings()  # raises SettingsError naming the bad value
