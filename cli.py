@@ -42,7 +42,7 @@ def segment(
     config: Optional[str] = typer.Option(None, help="Official YAML, our JSON, or a preset (tiny, vitb, vitl); a preset alone runs random weights."),
     bundle: Optional[Path] = typer.Option(None, help="Run an exported bundle with the torch-free runtime instead of the PyTorch model."),
     backend: str = typer.Option("onnxruntime", help="With --bundle: onnxruntime or tensorrt."),
-    precision: str = typer.Option("fp32", help="With --bundle: fp32, or fp16 (the bundle's fp16 pieces/engines)."),
+    precision: str = typer.Option("fp32", help="With --bundle: fp32, fp16 (the bundle's fp16 pieces/engines) or int8 (its int8 pieces; ONNX Runtime on CPU only)."),
     threads: Optional[int] = typer.Option(None, help="With --bundle: ONNX Runtime threads (default: all cores)."),
     save_logits: bool = typer.Option(False, help="Also write <stem>.npz with sem_seg [K,H,W] and classes."),
     no_resize: bool = typer.Option(False, "--no-resize", help="Feed images at their own size (padding to /32 still applies)."),
@@ -78,13 +78,15 @@ def demo(
     out: Path = typer.Option(Path("demo_out"), help="Output folder."),
     preset: str = typer.Option("tiny", help="Model preset (random weights, seeded)."),
     seed: int = typer.Option(0, help="Seed of the weights and of the generated image."),
+    bundle: Optional[Path] = typer.Option(None, help="Use this bundle (with INT8 pieces) instead of exporting one into OUT/bundle."),
+    runs: int = typer.Option(3, help="Timed rounds of the benchmark."),
 ) -> None:
-    """The embedded default: draw a scene, segment it with a preset's random weights, write the outputs."""
+    """The main job on the embedded default: export `tiny`, segment a drawn scene with the runtime, bench eager vs ONNX Runtime fp32/INT8."""
 
     def job() -> None:
         from cli_jobs.demo import run_demo
 
-        run_demo(out, preset, seed)
+        run_demo(out, preset, seed, bundle=bundle, runs=runs)
 
     _run(job)
 
@@ -97,7 +99,7 @@ def export_bundle(
     preset: Optional[str] = typer.Option(None, help="Export a preset with seeded random weights (tiny, vitb, vitl)."),
     vocab: Optional[str] = typer.Option(None, help="Vocabulary whose text embeddings are cached in the bundle."),
     standard_vocabs: bool = typer.Option(False, help="Also cache the six benchmark vocabularies."),
-    precision: str = typer.Option("fp32", help="fp32, or fp16 (adds fp16 pieces with fp32 LayerNorm/softmax/LFM for TensorRT)."),
+    precision: str = typer.Option("fp32", help="fp32 pieces are always written; fp16 adds fp16 pieces (fp32 LayerNorm/softmax/LFM) for TensorRT, int8 adds dynamically quantised pieces for ONNX Runtime on CPU, fp16,int8 both. --tensorrt builds from fp16 if present, else fp32 (never int8)."),
     tensorrt: bool = typer.Option(False, "--tensorrt", help="Also build TensorRT engines (tensorrt on a GPU host, or tensorrt-rtx ahead of time)."),
     trt_backend: Optional[str] = typer.Option(None, help="tensorrt or tensorrt_rtx (default: the first importable)."),
     trt_height: str = typer.Option("320,640,1024", help="Engine profile min,opt,max image height (multiples of 32)."),
@@ -132,6 +134,46 @@ def convert(
         from cli_jobs.convert import run_convert
 
         run_convert(checkpoint, config, out)
+
+    _run(job)
+
+
+@app.command()
+def bench(
+    backends: str = typer.Option("eager,onnxruntime", help="Comma-separated: eager, onnxruntime, onnxruntime-int8, tensorrt, tensorrt-fp16, ... (backend[-precision])."),
+    bundle: Optional[Path] = typer.Option(None, help="An exported bundle (eager is rebuilt from its config: --seed, or --checkpoint for real weights)."),
+    preset: Optional[str] = typer.Option(None, help="A preset with seeded random weights, exported once into the user cache."),
+    checkpoint: Optional[Path] = typer.Option(None, help="Our .safetensors or an official SCAN.pth (with --config), exported once into the user cache."),
+    config: Optional[str] = typer.Option(None, help="With --checkpoint: its official YAML, our JSON, or a preset."),
+    image_size: Optional[str] = typer.Option(None, help="Generated scene size, S or HxW (default 640), fed without the official resize."),
+    images: Optional[Path] = typer.Option(None, help="A folder of images to benchmark instead (sorted; the official resize applies)."),
+    vocab: str = typer.Option("ade150", help="Comma-separated names, a .txt/.json file, or a preset (ade150, ade847, pc59, ...)."),
+    runs: int = typer.Option(3, help="Timed rounds; in each, every image goes through every backend in turn."),
+    warmup: int = typer.Option(1, help="Untimed warm-up calls per backend."),
+    threads: Optional[int] = typer.Option(None, help="PyTorch and ONNX Runtime intra-op threads (default: all cores)."),
+    device: str = typer.Option("cpu", help="Device of the eager backend: cpu, cuda or cuda:N."),
+    seed: int = typer.Option(0, help="Seed of random weights, generated scenes and the official shift rule."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the full results (benchmarks/SCHEMA.md) to this JSON file."),
+    markdown: Optional[Path] = typer.Option(None, help="Write the tables to this markdown file."),
+    plot: Optional[Path] = typer.Option(None, help="Write a PNG of the stages per backend (and <stem>_<sweep>.png per sweep)."),
+    sweep_image_size: Optional[str] = typer.Option(None, help="Sweep image sizes, e.g. 320,640,960,1280 (S or HxW each)."),
+    sweep_vocab: Optional[str] = typer.Option(None, help="Sweep vocabulary sizes (the first n ade847 names), e.g. 10,150,847."),
+    sweep_proposals: Optional[str] = typer.Option(None, help="Sweep valid proposals through the region stage, e.g. 1,10,25,50,100."),
+    sweep_batch: Optional[str] = typer.Option(None, help="Sweep images per call, e.g. 1,2,4."),
+) -> None:
+    """Time backends side by side in one process: end to end, per stage, memory, label agreement, text, sweeps."""
+
+    options = dict(
+        backends=backends, bundle=bundle, preset=preset, checkpoint=checkpoint, config=config, image_size=image_size,
+        images=images, vocab=vocab, runs=runs, warmup=warmup, threads=threads, device=device, seed=seed, json=json_out,
+        markdown=markdown, plot=plot, sweep_image_size=sweep_image_size, sweep_vocab=sweep_vocab,
+        sweep_proposals=sweep_proposals, sweep_batch=sweep_batch,
+    )
+
+    def job() -> None:
+        from cli_jobs.bench import BenchOptions, run_bench_job
+
+        run_bench_job(BenchOptions(**options))
 
     _run(job)
 

@@ -6,6 +6,8 @@ as one batched gather and sends crops through the CLIP tower in bounded batches;
 crop at a time (as adapter.py / utils.py do). Only the structure is reproduced, for timing.
 
     python -m benchmarks.region_stage --preset vitb --size 640x640 --json benchmarks/results/region_stage_vitb.json
+
+`--vocab` reads names, a .txt/.json file or a preset through the CLI's parser (`runtime.vocab`).
 """
 
 from __future__ import annotations
@@ -46,17 +48,23 @@ def _official_structure(model, image, mask_probs, classifier, shift_tokens):
     return 100.0 * F.normalize(feats, dim=-1) @ classifier.t()
 
 
-def measure(preset: str, size: tuple[int, int], runs: int, threads: int, seed: int = 0) -> dict:
+DEFAULT_VOCAB = "cup,table,wall,cat"
+
+
+def measure(preset: str, size: tuple[int, int], runs: int, threads: int, seed: int = 0, vocab=DEFAULT_VOCAB) -> dict:
+    from runtime.synthetic import synthetic_scene
+    from runtime.vocab import parse_vocabulary
     from scan_model.ensemble import upsample_masks
     from scan_model.loading import load_model
-    from runtime.synthetic import synthetic_scene
+
+    names = parse_vocabulary(vocab)
 
     torch.set_num_threads(threads)
     model = load_model(None, preset, device="cpu", seed=seed).model
     image = torch.from_numpy(synthetic_scene(*size, seed=seed).copy()).permute(2, 0, 1).float()
     with torch.no_grad():
         feats = model.encode_image(image[None])
-        classifier = model.text_classifier(model.encode_text(["cup", "table", "wall", "cat"]))
+        classifier = model.text_classifier(model.encode_text(names))
         decoded = model.decode(feats, classifier)
         probs = upsample_masks(decoded.mask_logits, feats.padded_size, feats.image_size)[0].sigmoid()
         shift = feats.global_clip.layer_cls[0]
@@ -75,6 +83,7 @@ def measure(preset: str, size: tuple[int, int], runs: int, threads: int, seed: i
         "preset": preset,
         "input_hw": list(size),
         "threads": threads,
+        "vocabulary_size": len(names),
         "valid_regions": int(ours_out.valid.sum()),
         "runs_s": times,
         "median_s": medians,
@@ -90,10 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", default="320x480")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--vocab", default=DEFAULT_VOCAB, help="names, a .txt/.json file or a preset (ade150, ...)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     height, width = parse_size(args.size)
-    result = measure(args.preset, (height, width), args.runs, args.threads)
+    result = measure(args.preset, (height, width), args.runs, args.threads, vocab=args.vocab)
     report(result, args.json)
     return 0
 

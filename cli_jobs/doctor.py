@@ -97,7 +97,7 @@ def bundle_report(root: Path, build: bool) -> list[str]:
     lines.append(f"  files        {len(manifest.files())} files match their sizes and sha256")
     for name, piece in manifest.pieces.items():
         worst = max((v for p in piece.parity for v in p.max_rel.values()), default=0.0)
-        extra = " + fp16" if piece.fp16 is not None else ""
+        extra = "".join(f" + {name}" for name in ("fp16", "int8") if getattr(piece, name) is not None)
         lines.append(f"  {name:<14} {piece.op_count} ops{extra}, ONNX Runtime parity worst {worst:.1e}")
     for variant, checks in manifest.pipeline_check.items():
         worst = min(c.label_agreement for c in checks)

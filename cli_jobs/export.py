@@ -39,7 +39,7 @@ def _parse_range(name: str, text: str) -> tuple[int, int, int]:
 
 def run_export(opts: ExportOptions):
     require_torch("scan export")
-    from export.bundle import check_destination, check_precision, sha256_file, write_bundle
+    from export.bundle import check_destination, check_precision, engine_precision, sha256_file, write_bundle
     from export.tensorrt import ShapeRanges
     from scan_model.loading import load_model
 
@@ -53,7 +53,7 @@ def run_export(opts: ExportOptions):
     if opts.tensorrt:  # fail before minutes of export when no TensorRT (or no GPU for it) is there
         from export.engines import engine_folder
 
-        engine_folder(opts.trt_backend, opts.precision)
+        engine_folder(opts.trt_backend, engine_precision(opts.precision))
     vocabularies = {}
     if opts.vocab:
         names = parse_vocabulary(opts.vocab)

@@ -41,6 +41,11 @@ EXTERNAL_DATA_BYTES = 1_800_000_000
 # blocks (up to 0.57 relative measured at 256x384, tiny, random weights). What decides an fp16
 # export is the end-to-end gate in bundle.py: >= 99% identical labels (DESIGN.md).
 FP16_TOLERANCE = 1.0
+# int8 per piece, like fp16, only catches a broken quantisation (non-finite outputs, or errors of
+# half the outputs' size); the end-to-end gate in bundle.py decides. Measured worst at the export
+# shapes: 3.5e-2 (tiny preset), 0.15 (official fixture model, whose diversified weights make CLIP
+# attention sharp); int8 weight scales off by x1.1 gave 0.59 on the tiny clip_adapter.
+INT8_TOLERANCE = 0.5
 # Ops that TensorRT rejects or that make shapes data-dependent (EXPORT_NOTES §1, §4.1).
 DENIED_OPS = frozenset({"DFT", "STFT", "NonZero", "Loop", "If", "RoiAlign", "Scan"})
 STANDARD_DOMAINS = frozenset({"", "ai.onnx"})
@@ -103,6 +108,7 @@ class PieceExport:
     precision: str = "fp32"
     external_data: bool = False
     fp16: PieceExport | None = None  # the fp16 variant, when one was asked for
+    int8: PieceExport | None = None  # the int8 variant (ONNX Runtime CPU), for the pieces of INT8_PIECES
     exact_outputs: list[str] = field(default_factory=list)  # bool outputs: must match eager exactly
 
     def files(self) -> list[Path]:
@@ -204,6 +210,24 @@ def export_fp16(record: PieceExport, path: Path) -> PieceExport:
     return fp16
 
 
+def export_int8(record: PieceExport, path: Path) -> PieceExport:
+    """The int8 variant of an exported fp32 piece (see export/int8.py), with the same structural checks."""
+    from .int8 import quantize_piece
+
+    start = time.perf_counter()
+    try:
+        quantize_piece(record.path, path, external_data=record.external_data)
+    except Exception as exc:  # the quantiser raises many types; one clear line for the user
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ExportError(f"{record.name}: int8 quantisation failed: {first}") from exc
+    proto = onnx.load(str(path), load_external_data=False)
+    int8 = PieceExport(record.name, path, time.perf_counter() - start, len(proto.graph.node), _op_histogram(proto),
+                       _graph_axes(proto), precision="int8", external_data=record.external_data)
+    shapes = {name: {i: None for i, d in enumerate(dims) if isinstance(d, str)} for name, dims in record.dynamic_axes.items()}
+    check_graph(proto, record.name, shapes, [v.name for v in proto.graph.input], path)
+    return int8
+
+
 def _op_histogram(proto: onnx.ModelProto) -> dict[str, int]:
     counts: dict[str, int] = {}
     for node in _all_nodes(proto):
@@ -295,10 +319,14 @@ def _limit(tolerance: float, multiple: float, sensitivity: float) -> float:
 def ort_parity(
     model: ScanModel, record: PieceExport, shapes: list[Shape], providers=("CPUExecutionProvider",),
     tolerance: float = 1e-3, multiple: float = SENSITIVITY_MULTIPLE, sensitivity: bool = True,
+    eager_cache: dict | None = None,
 ) -> list[ParityResult]:
     """ONNX Runtime against eager at each shape: max abs and relative difference per output,
     and eager's own sensitivity to float-rounding noise (one antithetic pair; up to
-    SENSITIVITY_MAX_PAIRS while an output is beyond `max(tolerance, multiple x sensitivity)`)."""
+    SENSITIVITY_MAX_PAIRS while an output is beyond `max(tolerance, multiple x sensitivity)`).
+
+    `eager_cache` (a dict per piece) keeps the example inputs and eager outputs per shape, so that
+    the variants of a piece (fp16, int8) are compared with eager without running it again."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -309,8 +337,14 @@ def ort_parity(
     wrapper = PIECES[record.name](model).eval()
     results = []
     for shape in shapes:
-        args = example_inputs(model, record.name, shape.height, shape.width, shape.classes, shape.masks, seed=1)
-        eager = _as_tuple(wrapper(*args))
+        key = (record.name, shape.label())
+        if eager_cache is not None and key in eager_cache:
+            args, eager = eager_cache[key]
+        else:
+            args = example_inputs(model, record.name, shape.height, shape.width, shape.classes, shape.masks, seed=1)
+            eager = _as_tuple(wrapper(*args))
+            if eager_cache is not None:
+                eager_cache[key] = args, eager
         feeds = {name: arg.numpy() for name, arg in zip(wrapper.input_names, args)}
         outputs = session.run(list(wrapper.output_names), feeds)
         result = ParityResult(shape.label())
@@ -364,18 +398,22 @@ def parity_gate(record: PieceExport, tolerance: float, multiple: float = SENSITI
 def export_all(
     model: ScanModel, out_dir: Path, example: Shape, checks: list[Shape], tolerance: float = 1e-3, pieces=tuple(PIECES),
     fp16: bool = False, fp16_tolerance: float = FP16_TOLERANCE, external_data_bytes: int = EXTERNAL_DATA_BYTES,
-    report=None,
+    report=None, int8: bool = False, int8_tolerance: float = INT8_TOLERANCE,
 ) -> dict[str, PieceExport]:
     """Each piece: export, structural checks, parity at the example and `checks` shapes, gate.
 
     With `fp16`, each piece also gets an fp16 variant (`<piece>.fp16.onnx`), gated against
-    the fp32 eager model with `fp16_tolerance`.
+    the fp32 eager model with `fp16_tolerance`; with `int8`, the pieces of `INT8_PIECES` get an
+    int8 variant (`<piece>.int8.onnx`), gated the same way with `int8_tolerance`.
     """
+    from .int8 import INT8_PIECES
+
     out_dir.mkdir(parents=True, exist_ok=True)
     records = {}
     for piece in pieces:
         record = export_piece(model, piece, out_dir / f"{piece}.onnx", example, external_data_bytes)
-        ort_parity(model, record, [example, *checks], tolerance=tolerance)
+        eager: dict = {}  # eager's inputs and outputs per shape, shared by the piece's variants
+        ort_parity(model, record, [example, *checks], tolerance=tolerance, eager_cache=eager)
         parity_gate(record, tolerance)
         line = (f"{piece}: {record.op_count} ops, {sum(f.stat().st_size for f in record.files()) / 1e6:.1f} MB, "
                 f"exported in {record.seconds:.0f} s, parity worst {record.worst_rel():.1e} over {len(record.parity)} shapes "
@@ -384,10 +422,18 @@ def export_all(
             record.fp16 = export_fp16(record, out_dir / f"{piece}.fp16.onnx")
             # Same eager model, inputs and shapes: eager's sensitivity is the fp32 record's (recorded,
             # not used: the fp16 gate is a fixed tolerance, see FP16_TOLERANCE).
-            for half, full in zip(ort_parity(model, record.fp16, [example, *checks], sensitivity=False), record.parity):
+            for half, full in zip(ort_parity(model, record.fp16, [example, *checks], sensitivity=False, eager_cache=eager),
+                                  record.parity):
                 half.eager_sensitivity = dict(full.eager_sensitivity)
             parity_gate(record.fp16, fp16_tolerance, multiple=0.0, exact=())
             line += f"; fp16 worst {record.fp16.worst_rel():.1e}"
+        if int8 and piece in INT8_PIECES:
+            record.int8 = export_int8(record, out_dir / f"{piece}.int8.onnx")
+            for low, full in zip(ort_parity(model, record.int8, [example, *checks], sensitivity=False, eager_cache=eager),
+                                 record.parity):
+                low.eager_sensitivity = dict(full.eager_sensitivity)
+            parity_gate(record.int8, int8_tolerance, multiple=0.0)  # bool outputs stay exact: computed in fp32
+            line += f"; int8 worst {record.int8.worst_rel():.1e}"
         if report is not None:
             report(line)
         records[piece] = record

@@ -81,10 +81,15 @@ class PieceFile:
 @dataclass
 class Piece(PieceFile):
     fp16: PieceFile | None = None
+    # ONNX Runtime CPU only; absent for pieces that run fp32 in an int8 pipeline (export/int8.py).
+    int8: PieceFile | None = None
 
     def variant(self, precision: str) -> PieceFile:
+        """The file to run at `precision`; int8 falls back to fp32 for pieces without an int8 variant."""
         if precision == "fp32":
             return self
+        if precision == "int8":
+            return self.int8 if self.int8 is not None else self
         if precision == "fp16" and self.fp16 is not None:
             return self.fp16
         raise BundleError(f"{self.file} has no {precision} variant: export with `scan export --precision {precision}`")
@@ -205,13 +210,19 @@ class Manifest:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def check_variant(self, precision: str) -> None:
+        """An int8 run needs at least one int8 piece (the others run fp32); fp16 is checked per piece."""
+        if precision == "int8" and all(piece.int8 is None for piece in self.pieces.values()):
+            raise BundleError("this bundle has no int8 pieces: export with `scan export --precision int8`")
+
     def files(self) -> list[FileRecord]:
-        """Every file the manifest vouches for: pieces (both precisions), tokenizer, caches, engines."""
+        """Every file the manifest vouches for: pieces (every precision), tokenizer, caches, engines."""
         records: list[FileRecord] = []
         for piece in self.pieces.values():
             records += piece.files()
-            if piece.fp16 is not None:
-                records += piece.fp16.files()
+            for variant in (piece.fp16, piece.int8):
+                if variant is not None:
+                    records += variant.files()
         records.append(self.tokenizer.bpe)
         records += list(self.text_caches.values())
         for folder in self.engines.values():

@@ -26,6 +26,7 @@ from .settings import InferenceSettings, benchmark_settings, random_shift_keys, 
 from .vocab import parse_vocabulary
 
 BACKENDS = ("onnxruntime", "tensorrt")
+PRECISIONS = ("fp32", "fp16", "int8")
 PIECE_NAMES = ("image_encoder", "mask_decoder", "clip_adapter", "text_encoder")
 # Bytes of mask probabilities and crop intermediates per CLIP-adapter call: bounds peak memory
 # whatever the number of valid proposals and the image size.
@@ -41,7 +42,8 @@ class Segmenter:
             engines for this GPU and TensorRT version, built on first use when missing).
         providers: ONNX Runtime execution providers (default: CUDA where available, then CPU).
         threads: intra-op threads of ONNX Runtime (default: all cores).
-        precision: "fp32", or "fp16" for the bundle's fp16 pieces/engines.
+        precision: "fp32", "fp16" for the bundle's fp16 pieces/engines, or "int8" for its int8
+            pieces (ONNX Runtime on CPU; pieces without an int8 variant run fp32).
         graph_optimization: ONNX Runtime's level: disable, basic, extended or all.
         resize: apply the official test resize (shortest edge 640, long edge at most 2560);
             False feeds images at their own size (padding to /32 still applies).
@@ -55,8 +57,10 @@ class Segmenter:
                  cache_dir: str | Path | None = None, report=None):
         if backend not in BACKENDS:
             raise ScanError(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-        if precision not in ("fp32", "fp16"):
-            raise ScanError(f"precision {precision!r}: choose fp32 or fp16")
+        if precision not in PRECISIONS:
+            raise ScanError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+        if precision == "int8" and backend == "tensorrt":
+            raise ScanError("precision int8 is for ONNX Runtime on CPU: use --backend onnxruntime, or fp16/fp32 with tensorrt")
         if verify not in ("hash", "size"):
             raise ScanError(f"verify {verify!r}: choose hash or size")
         self.root = Path(bundle)
@@ -67,6 +71,7 @@ class Segmenter:
         missing = [p for p in PIECE_NAMES if p not in self.manifest.pieces]
         if missing:
             raise ScanError(f"bundle {self.root} lacks the piece(s) {', '.join(missing)}: export the whole model with `scan export`")
+        self.manifest.check_variant(precision)
         files = [f for p in PIECE_NAMES for f in self.manifest.pieces[p].variant(precision).files()]
         verify_files(self.root, [*files, self.manifest.tokenizer.bpe, *self.manifest.text_caches.values()],
                      hashes=verify == "hash")

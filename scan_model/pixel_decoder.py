@@ -66,13 +66,17 @@ def ms_deform_attn_sample(value: Tensor, shapes: list[tuple], sampling_locations
     _, Lq, _, L, P, _ = sampling_locations.shape
     values = value.split([h * w for h, w in shapes], dim=1)
     grids = 2 * sampling_locations - 1  # grid_sample coordinates, align_corners=False
-    sampled = []
+    weights = attention_weights.transpose(1, 2).reshape(B * M, 1, Lq, L, P)
+    out = None
+    # Level by level: each (B*M, D, Lq, P) sample is weighted and reduced before the next one is
+    # drawn, instead of stacking all levels into one (B*M, D, Lq, L*P) array (100 MB for Swin-B
+    # at 640x640) that is then copied, multiplied and summed. Same products, summed per level.
     for level, (h, w) in enumerate(shapes):
         v = values[level].flatten(2).transpose(1, 2).reshape(B * M, D, h, w)
         grid = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)  # (B*M, Lq, P, 2)
-        sampled.append(F.grid_sample(v, grid, mode="bilinear", padding_mode="zeros", align_corners=False))
-    weights = attention_weights.transpose(1, 2).reshape(B * M, 1, Lq, L * P)
-    out = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1)  # (B*M, D, Lq)
+        sampled = F.grid_sample(v, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        term = (sampled * weights[..., level, :]).sum(-1)  # (B*M, D, Lq)
+        out = term if out is None else out + term
     return out.view(B, M * D, Lq).transpose(1, 2)
 
 

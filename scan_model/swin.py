@@ -122,15 +122,32 @@ class WindowAttention(nn.Module):
         # (B, nH, nW, N, 3, heads, hd) -> (3, B, nH, nW, heads, N, hd)
         qkv = self.qkv(x).unflatten(-1, (3, heads, C // heads)).permute(4, 0, 1, 2, 5, 3, 6)
         q, k, v = qkv.unbind(0)
-        attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, nH, nW, heads, N, N)
-        N = attn.shape[-1]
-        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
-        attn = attn + bias.view(N, N, heads).permute(2, 0, 1)
-        if mask is not None:
-            attn = attn + mask[:, :, None]
-        attn = attn.softmax(dim=-1)
-        x = (attn @ v).transpose(-3, -2).flatten(-2)  # (B, nH, nW, N, C)
-        return self.proj(x)
+        N = q.shape[-2]
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(N, N, heads).permute(2, 0, 1)
+        bias = bias if mask is None else bias + mask[:, :, None]  # (heads, N, N) or (nH, nW, heads, N, N)
+        if torch.compiler.is_exporting():
+            attn = ((q * self.scale) @ k.transpose(-2, -1) + bias).softmax(dim=-1)  # (B, nH, nW, heads, N, N)
+            x = attn @ v
+        else:
+            x = _fused_attention(q, k, v, bias, self.scale)
+        return self.proj(x.transpose(-3, -2).flatten(-2))  # (B, nH, nW, N, C)
+
+
+def _fused_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float) -> Tensor:
+    """softmax(q k^T * scale + bias) v for (..., heads, N, hd) windows with PyTorch's fused kernel.
+
+    The fused CPU kernel wants 4-D inputs and a mask with the same batch: the window grid is
+    folded into the batch here. That merge of two symbolic sizes is what torch.export guards
+    against, so the exported graph keeps the explicit product above; the two agree to float
+    rounding (~1e-7 relative). The fused kernel avoids materialising the (..., N, N) scores
+    three times, which made the windowed attention most of the backbone's time on CPU.
+    """
+    lead, (heads, N, hd) = q.shape[:-3], q.shape[-3:]
+    mask = bias.expand(*lead, heads, N, N).reshape(-1, heads, N, N)
+    out = F.scaled_dot_product_attention(
+        q.reshape(-1, heads, N, hd), k.reshape(-1, heads, N, hd), v.reshape(-1, heads, N, hd), attn_mask=mask, scale=scale
+    )
+    return out.view(*lead, heads, N, hd)
 
 
 class Mlp(nn.Module):

@@ -75,8 +75,9 @@ def fixtures_root() -> Path:
 
 # -- one exported `tiny` bundle per test session ----------------------------------------------
 # Exporting takes minutes on two cores, so the export, runtime, TensorRT-gate, doctor and CLI
-# tests share this bundle: four pieces with fp16 variants, a voc20 text cache and, where
-# tensorrt-rtx is installed, ahead-of-time engines.
+# tests share this bundle: four pieces with fp16 variants, int8 variants of the pieces in
+# export.int8.INT8_PIECES, a voc20 text cache and, where tensorrt-rtx is installed,
+# ahead-of-time engines (from the fp16 pieces).
 
 BUNDLE_EXAMPLE = (128, 160, 5, 6)  # height, width, classes, masks of the export example
 BUNDLE_CHECKS = ((96, 224, 3, 3), (160, 96, 9, 11))
@@ -118,7 +119,7 @@ def tiny_bundle(tiny_model, tmp_path_factory) -> ExportedBundle:
     manifest = write_bundle(
         tiny_model, out, None, {"voc20": benchmark_vocabularies()["voc20"]},
         example=Shape(*BUNDLE_EXAMPLE), checks=tuple(Shape(*c) for c in BUNDLE_CHECKS),
-        precision="fp16", tensorrt=rtx_available(), ranges=ranges, trt_backend="tensorrt_rtx", report=log.append,
+        precision="fp16,int8", tensorrt=rtx_available(), ranges=ranges, trt_backend="tensorrt_rtx", report=log.append,
     )
     return ExportedBundle(out, manifest, log)
 

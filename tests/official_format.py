@@ -18,15 +18,15 @@ from scan_model.checkpoint import OFFICIAL_PREFIXES, official_to_ours
 from scan_model.loading import load_model
 
 OFFICIAL_CONFIG = OFFICIAL_DEV / "config.yaml"
-# The seed whose random weights make the mask decoder ill-conditioned at the bundle's export
-# shape (320x480 K=10 N=8): masked-attention blocks sit at sigmoid 0.5, so float rounding
-# flips them. Before the gate measured that conditioning, `scan export` refused this model
-# ("mask_decoder: ONNX Runtime differs from eager beyond 0.001: 320x480 K=10 N=8 class_logits:
-# 9.38e-03; ... mask_logits: 1.73e-02"); eager moves by the same 9.4e-3 / 1.7e-2 under 1e-7 noise.
-# Found by a search over seeds 0-39 (eager flips blocks under noise somewhere for 3, 5, 8, 20, 31).
-# Whether ORT lands beyond 1e-3 also depends on eager's own thread count (seed 3 at 384x256 and
-# seed 20 at 256x384 do with one thread count and not the other); seed 8 does with 1 and 2 threads.
-ILL_CONDITIONED_SEED = 8
+# The seed whose random weights make the mask decoder ill-conditioned at one of the bundle's parity
+# shapes (384x256 K=17 N=12): masked-attention blocks sit at sigmoid 0.5, so float rounding flips
+# them; ONNX Runtime differs from eager by 1.7e-3 / 1.4e-3 (class / mask logits) and eager moves by
+# as much under 1e-7 input noise, so a fixed 1e-3 tolerance would refuse a sound export.
+# Which seeds and shapes do this depends on the image-encoder features upstream, down to their
+# float rounding: seed 8 did at 320x480 until the Swin attention moved to PyTorch's fused kernel
+# (issue 12); a screen of eager's sensitivity (seeds 0-80 at 320x480, a few at the other shapes)
+# then found seed 31 here (and seeds 3 and 20 close to 1e-3 at 384x256 and 256x384).
+ILL_CONDITIONED_SEED = 31
 # The official model's training-loss weights: NUM_CLASSES (171) + 1 entries, no-object weight 0.1.
 NUM_CLASSES = 171
 NO_OBJECT_WEIGHT = 0.1

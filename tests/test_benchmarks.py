@@ -1,13 +1,15 @@
-"""The benchmark harnesses run, and their built-in correctness checks hold (timings are not asserted)."""
+"""The benchmark harnesses run, and their built-in correctness checks hold (timings are not asserted).
+
+`scan bench` (which superseded the eager and runtime-vs-eager scripts) is tested in test_bench.py.
+"""
 
 from __future__ import annotations
-
-import json
 
 import pytest
 import torch
 
-from benchmarks import eager, region_stage
+from benchmarks import region_stage
+from runtime.vocab import benchmark_vocabularies
 
 
 @pytest.fixture(autouse=True)
@@ -25,9 +27,7 @@ def test_region_stage_batched_equals_official_structure(tmp_path):
     assert set(result["median_s"]) == {"ours_batched", "official_structure"}
 
 
-def test_eager_benchmark_writes_json(tmp_path):
-    out = tmp_path / "r.json"
-    assert eager.main(["--preset", "tiny", "--size", "64x96", "--runs", "1", "--threads", "1", "--json", str(out)]) == 0
-    data = json.loads(out.read_text())
-    assert data["input_hw"] == [64, 96] and len(data["runs_s"]) == 1
-    assert {"image_encoder", "clip_adapter"} <= set(data["stages_s"])
+def test_region_stage_reads_vocabularies_like_the_cli():
+    # A preset name is the preset's names, not one class called "voc20".
+    result = region_stage.measure("tiny", (64, 96), runs=1, threads=1, vocab="voc20")
+    assert result["vocabulary_size"] == len(benchmark_vocabularies()["voc20"])

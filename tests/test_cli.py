@@ -166,14 +166,20 @@ def test_convert_and_segment_with_converted(official_dev, tmp_path):
     assert (tmp_path / "ours.safetensors").is_file() and (tmp_path / "ours.json").is_file()
 
 
-def test_demo(tmp_path):
-    result = _run("demo", "--out", tmp_path / "demo")
+def test_demo(tmp_path, tiny_bundle):
+    """The main job, on the session bundle (the export step is `write_bundle`, tested on its own)."""
+    out = tmp_path / "demo"
+    result = _run("demo", "--out", out, "--bundle", tiny_bundle.path, "--runs", "1")
     assert result.exit_code == 0, result.output
-    for name in ("input/demo.png", "demo.png", "demo_overlay.png", "demo.npz"):
-        assert (tmp_path / "demo" / name).is_file()
+    for name in ("input/demo.png", "demo.png", "demo_overlay.png", "demo.npz", "bench.json", "bench.md", "bench.png"):
+        assert (out / name).is_file(), name
     # the generated input keeps its colours; the label map is a single-channel index image
-    assert Image.open(tmp_path / "demo" / "input" / "demo.png").mode == "RGB"
-    assert Image.open(tmp_path / "demo" / "demo.png").mode == "L"
+    assert Image.open(out / "input" / "demo.png").mode == "RGB"
+    assert Image.open(out / "demo.png").mode == "L"
+    bench = json.loads((out / "bench.json").read_text())
+    assert set(bench["backends"]) == {"eager", "onnxruntime", "onnxruntime-int8"}
+    assert bench["backends"]["onnxruntime"]["label_agreement"]["min"] >= 0.999
+    assert "| onnxruntime-int8 |" in result.output  # the table is printed
 
 
 def test_output_would_overwrite_input(scene):

@@ -84,7 +84,7 @@ def test_cli_refuses_bad_engine_options_before_exporting(tmp_path):
     for args, needle in (
         (["--trt-height", "300,640,1024"], "multiples of 32"),
         (["--trt-masks", "1,100"], "three integers"),
-        (["--precision", "int8"], "choose fp32 or fp16"),
+        (["--precision", "int4"], "choose fp32, fp16, int8"),
         (["--tensorrt", "--trt-backend", "tensorrt"], "tensorrt"),
     ):
         result = runner.invoke(app, ["export", "--preset", "tiny", "--out", str(tmp_path / "b"), *args])

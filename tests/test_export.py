@@ -92,9 +92,9 @@ def _value_types(proto):
     return types
 
 
-@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
 def test_pipeline_check_of_the_export(tiny_bundle, precision):
-    """The end-to-end gate the bundle ran: runtime.Segmenter against eager, >= 99.9% (fp32) / >= 99% (fp16)."""
+    """The end-to-end gate the bundle ran: runtime.Segmenter against eager, >= 99.9% (fp32) / >= 99% (fp16) / int8's bound."""
     checks = tiny_bundle.manifest.pipeline_check[precision]
     assert len(checks) == 3
     for check in checks:
