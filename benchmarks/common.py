@@ -6,10 +6,18 @@ import json
 from pathlib import Path
 
 
-def parse_size(text: str) -> tuple[int, int]:
-    """"HxW" -> (H, W)."""
-    height, width = (int(v) for v in text.lower().split("x"))
-    return height, width
+def parse_size(text: str, flag: str = "--size") -> tuple[int, int]:
+    """'640' -> (640, 640); '480x640' -> (480, 640); anything else is a one-line ScanError naming `flag`."""
+    from runtime.errors import ScanError
+
+    parts = str(text).lower().split("x")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2) or min(values) < 1:
+        raise ScanError(f"{flag} {text!r}: give S or HxW in pixels (e.g. 640 or 480x640)")
+    return (values[0], values[-1])
 
 
 def report(result: dict, path: Path | None) -> None:

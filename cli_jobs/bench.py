@@ -35,10 +35,10 @@ def _models(opts: BenchOptions, checked: Checked) -> tuple[dict, object]:
     names = checked.names
     if checked.source == "bundle":
         bundles = {n.precision: opts.bundle for n in names}
-    else:  # one export per extra precision (each holds the fp32 pieces too)
-        extra = sorted({n.precision for n in names if n.precision != "fp32"}) or ["fp32"]
-        exported = {p: cached_bundle(checked.config, checked.weights, p, checked.digest, cpu_model, say) for p in extra}
-        bundles = {n.precision: exported.get(n.precision, exported[extra[0]]) for n in names}
+    else:  # one export holding the fp32 pieces and every extra precision asked for
+        precision = ",".join(sorted({n.precision for n in names if n.precision != "fp32"})) or "fp32"
+        folder = cached_bundle(checked.config, checked.weights, precision, checked.digest, cpu_model, say)
+        bundles = {n.precision: folder for n in names}
     if not any(n.kind == "eager" for n in names):
         return bundles, None
     if checked.source != "bundle":

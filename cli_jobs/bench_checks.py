@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchmarks.common import parse_size as _parse_size
 from runtime.errors import ScanError
 from runtime.images import load_image
 from runtime.vocab import benchmark_vocabularies, parse_vocabulary
@@ -47,14 +48,7 @@ class BenchOptions:
 
 def parse_size(text: str, flag: str = "--image-size") -> tuple[int, int]:
     """'640' -> (640, 640); '480x640' -> (480, 640)."""
-    parts = str(text).lower().split("x")
-    try:
-        values = [int(p) for p in parts]
-    except ValueError:
-        values = []
-    if len(values) not in (1, 2) or min(values) < 1:
-        raise ScanError(f"{flag} {text!r}: give S or HxW in pixels (e.g. 640 or 480x640)")
-    return (values[0], values[-1])
+    return _parse_size(text, flag)
 
 
 def _counts(text: str, flag: str) -> list[int]:
