@@ -191,6 +191,26 @@ def _block(visual: VisionTransformer, index: int, x: Tensor) -> Tensor:
     return block(x.transpose(0, 1)).transpose(0, 1)
 
 
+def _cls_block(visual: VisionTransformer, index: int, x: Tensor) -> Tensor:
+    """Block ``index`` for the CLS token alone: (B, T, C) -> (B, 1, C).
+
+    The same value as ``_block(...)[:, :1]``: the CLS query still attends to every token, and
+    everything else in a block is per token. The patch outputs of a tower's last block are
+    never read (the head takes the CLS token), so skipping them saves about 10/12 of that
+    block's matrix products, some 7% of a 12-block tower, on every backend.
+    """
+    block = visual.transformer.resblocks[index]
+    normed = block.ln_1(x)
+    query = normed[:, :1]
+    if not getattr(visual.transformer, "batch_first", True):
+        query, normed = query.transpose(0, 1), normed.transpose(0, 1)
+    attended = block.attention(q_x=query, k_x=normed, v_x=normed)
+    if not getattr(visual.transformer, "batch_first", True):
+        attended = attended.transpose(0, 1)
+    cls = x[:, :1] + block.ls_1(attended)
+    return cls + block.ls_2(block.mlp(block.ln_2(cls)))
+
+
 def _head(visual: VisionTransformer, x: Tensor) -> Tensor:
     """ln_post(CLS) @ proj, not normalised. ln_post is per token, so pooling first is the same value."""
     return visual.ln_post(x[:, 0]) @ visual.proj
@@ -386,7 +406,7 @@ def region_clip_forward(
     shifting = selection is not None or replace_ratio > 0
 
     x = _embed(visual, regions)
-    for i in range(depth):
+    for i in range(depth - 1):
         x = _block(visual, i, x)
         d = i + 1
         if shifting and d in shift_at:
@@ -399,4 +419,8 @@ def region_clip_forward(
             token = shift_tokens[shift_at[d]].to(x.dtype)
             patches = torch.where(chosen, token, x[:, 1:])
             x = torch.cat([x[:, :1], patches], dim=1)
-    return _head(visual, x)
+    # Only the last block's CLS token is read. A shift after that block changes nothing, but
+    # the official rule still draws its sample there so that its RNG stream stays the official one.
+    if shifting and depth in shift_at and selection is None and rule == "official":
+        official_shift_selection(background, replace_ratio, rng)
+    return _head(visual, _cls_block(visual, depth - 1, x))

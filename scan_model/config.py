@@ -51,7 +51,7 @@ class InferenceConfig:
     pixel_mean: tuple[float, float, float] = SWIN_PIXEL_MEAN
     pixel_std: tuple[float, float, float] = SWIN_PIXEL_STD
     # Number of region crops sent through the region CLIP at once: bounds peak memory.
-    region_batch_size: int = 32
+    region_batch_size: int = 8
 
     def settings(self) -> InferenceSettings:
         """The per-call settings these defaults stand for (validated)."""

@@ -349,3 +349,29 @@ def test_selection_input_equals_the_deterministic_rule(random_clip):
         inside = region_clip_forward(clip.visual, regions, foreground, shift, REPLACE_LAYERS, 0.15, shift_key=key)
         given = region_clip_forward(clip.visual, regions, foreground, shift, REPLACE_LAYERS, 0.0, selection=selection)
     assert torch.equal(inside, given)
+
+
+@pytest.mark.parametrize("replace_layers", [REPLACE_LAYERS, [1, 6]])
+def test_last_block_runs_for_the_cls_token_only(random_clip, replace_layers):
+    """The region tower's last block computes the CLS token alone (a FLOP cut): the features equal
+    a forward that runs every token through every block, for both shift rules, including a shift
+    after the last block (a no-op that the official rule must still draw from its RNG)."""
+    from scan_model.clip_towers import _block, _cls_block, _embed, _head
+
+    cfg, clip, regions, masks, shift, plain = random_clip
+    visual = clip.visual
+    foreground = patch_foreground(masks, cfg.patch_size)
+    tokens = torch.randn(len(replace_layers), cfg.width) * 3
+    with torch.no_grad():
+        x = _embed(visual, regions)
+        for i in range(cfg.layers - 1):
+            x = _block(visual, i, x)
+        full = _block(visual, cfg.layers - 1, x)
+        assert rel_diff(_cls_block(visual, cfg.layers - 1, x), full[:, :1]) < REL_TOL
+        assert rel_diff(region_clip_forward(visual, regions, foreground, tokens, replace_layers, 0.0), _head(visual, full)) < REL_TOL
+        assert rel_diff(region_clip_forward(visual, regions, foreground, tokens, replace_layers, 0.0), plain) < REL_TOL
+        rng_a, rng_b = random.Random(5), random.Random(5)
+        region_clip_forward(visual, regions, foreground, tokens, replace_layers, 0.3, rule="official", rng=rng_a)
+        for _ in replace_layers:  # the official rule draws at every listed layer, the last one included
+            official_shift_selection(~foreground, 0.3, rng_b)
+        assert rng_a.random() == rng_b.random()
