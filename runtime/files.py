@@ -25,14 +25,30 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def new_file_mode() -> int:
+    """The mode `open()` gives a new file: 0o666 less the process umask (read without changing it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o644
+
+
 def atomic_write(path: Path, write) -> None:
-    """Call `write(tmp_path)` and rename onto `path`: readers never see a partial file."""
+    """Call `write(tmp_path)` and rename onto `path`: readers never see a partial file.
+
+    The file gets the usual mode for a new file (mkstemp's temporary is 0600, which would hide
+    a shared cache or bundle from other users).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, new_file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -209,3 +209,19 @@ def test_doctor_on_a_damaged_manifest_is_one_line(tiny_bundle, tmp_path):
     result = CliRunner().invoke(app, ["doctor", "--bundle", str(copy)])
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.exit_code == 2 and len(lines) == 1 and "damaged" in lines[0] and "Traceback" not in result.output
+
+
+def test_atomic_write_gives_the_usual_file_mode(tmp_path):
+    """Files written through a temporary (mkstemp: 0600) end with 0o666 less the umask, like open()."""
+    import os
+
+    from runtime.files import atomic_write
+
+    old = os.umask(0o027)
+    try:
+        atomic_write(tmp_path / "a.bin", lambda tmp: tmp.write_bytes(b"x"))
+        (tmp_path / "b.bin").write_bytes(b"x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.bin").stat().st_mode & 0o777 == 0o640 == (tmp_path / "b.bin").stat().st_mode & 0o777
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
