@@ -200,12 +200,13 @@ def _cls_block(visual: VisionTransformer, index: int, x: Tensor) -> Tensor:
     block's matrix products, some 7% of a 12-block tower, on every backend.
     """
     block = visual.transformer.resblocks[index]
+    sequence_first = not getattr(visual.transformer, "batch_first", True)
     normed = block.ln_1(x)
     query = normed[:, :1]
-    if not getattr(visual.transformer, "batch_first", True):
+    if sequence_first:
         query, normed = query.transpose(0, 1), normed.transpose(0, 1)
     attended = block.attention(q_x=query, k_x=normed, v_x=normed)
-    if not getattr(visual.transformer, "batch_first", True):
+    if sequence_first:
         attended = attended.transpose(0, 1)
     cls = x[:, :1] + block.ls_1(attended)
     return cls + block.ls_2(block.mlp(block.ln_2(cls)))

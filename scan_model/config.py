@@ -50,7 +50,8 @@ class InferenceConfig:
     size_divisibility: int = 32
     pixel_mean: tuple[float, float, float] = SWIN_PIXEL_MEAN
     pixel_std: tuple[float, float, float] = SWIN_PIXEL_STD
-    # Number of region crops sent through the region CLIP at once: bounds peak memory.
+    # Number of region crops sent through the region CLIP at once: bounds peak memory, and 8 keeps a
+    # ViT-B batch's activations in cache (on 2 CPU cores, 1.15x faster per crop than 32).
     region_batch_size: int = 8
 
     def settings(self) -> InferenceSettings:
