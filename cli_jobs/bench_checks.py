@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.common import parse_size as _parse_size
+from benchmarks.common import parse_size
 from runtime.errors import ScanError
 from runtime.images import load_image
 from runtime.vocab import benchmark_vocabularies, parse_vocabulary
@@ -44,11 +44,6 @@ class BenchOptions:
     sweep_vocab: str | None = None
     sweep_proposals: str | None = None
     sweep_batch: str | None = None
-
-
-def parse_size(text: str, flag: str = "--image-size") -> tuple[int, int]:
-    """'640' -> (640, 640); '480x640' -> (480, 640)."""
-    return _parse_size(text, flag)
 
 
 def _counts(text: str, flag: str) -> list[int]:
@@ -193,7 +188,7 @@ def check_options(opts: BenchOptions) -> Checked:
     source = _check_source(opts)
     if opts.images is not None and opts.image_size is not None:
         raise ScanError("--image-size sizes generated scenes; with --images each image keeps its size (official resize)")
-    size = parse_size(opts.image_size or DEFAULT_SIZE)
+    size = parse_size(opts.image_size or DEFAULT_SIZE, "--image-size")
     image_files = _image_files(opts.images) if opts.images is not None else []
     images = [load_image(p) for p in image_files]  # one line naming a file that does not decode
     vocabulary = parse_vocabulary(opts.vocab)
