@@ -75,18 +75,20 @@ def segment(
 
 @app.command()
 def demo(
-    out: Path = typer.Option(Path("demo_out"), help="Output folder."),
-    preset: str = typer.Option("tiny", help="Model preset (random weights, seeded)."),
-    seed: int = typer.Option(0, help="Seed of the weights and of the generated image."),
-    bundle: Optional[Path] = typer.Option(None, help="Use this bundle (with INT8 pieces) instead of exporting one into OUT/bundle."),
+    out: Path = typer.Option(Path("demo_out"), help="Output folder (steps whose results are there are reused)."),
+    preset: str = typer.Option("tiny", help="Model preset to train."),
+    seed: int = typer.Option(0, help="Seed of the data, the weights and the training."),
+    train_iters: int = typer.Option(200, help="Training iterations of the tiny model."),
+    images: int = typer.Option(48, help="Synthetic images (a quarter of them, at least one, form the val split)."),
+    bundle: Optional[Path] = typer.Option(None, help="Skip training and export: evaluate, segment and bench this bundle."),
     runs: int = typer.Option(3, help="Timed rounds of the benchmark."),
 ) -> None:
-    """The main job on the embedded default: export `tiny`, segment a drawn scene with the runtime, bench eager vs ONNX Runtime fp32/INT8."""
+    """The main job on the embedded default: synthetic data, train tiny, evaluate, export, run the torch-free runtime, bench."""
 
     def job() -> None:
         from cli_jobs.demo import run_demo
 
-        run_demo(out, preset, seed, bundle=bundle, runs=runs)
+        run_demo(out, preset, seed, bundle=bundle, runs=runs, train_iters=train_iters, images=images)
 
     _run(job)
 
@@ -174,6 +176,100 @@ def bench(
         from cli_jobs.bench import BenchOptions, run_bench_job
 
         run_bench_job(BenchOptions(**options))
+
+    _run(job)
+
+
+data_app = typer.Typer(no_args_is_help=True, help="Datasets: make a synthetic one.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("synth")
+def data_synth(
+    out: Path = typer.Option(..., help="Folder to write (the generic layout: images/, annotations/, classes.json)."),
+    images: int = typer.Option(64, help="Number of images, split 3:1 into train and val."),
+    size: str = typer.Option("256x256", help="Image size, HxW or one number."),
+    seed: int = typer.Option(0, help="Seed: the same seed writes the same files."),
+) -> None:
+    """Write a seeded synthetic segmentation dataset that --dataset accepts wherever a benchmark name is."""
+
+    def job() -> None:
+        from cli_jobs.train import run_synth
+
+        run_synth(out, images, size, seed)
+
+    _run(job)
+
+
+@app.command()
+def train(
+    config: str = typer.Option(..., help="Model: a preset (tiny, vitb, vitl), an official YAML (its SOLVER/INPUT keys apply) or our JSON."),
+    dataset: str = typer.Option(..., help="A benchmark name (coco171_train, ade150_val, ...) or a folder in the generic layout (scan data synth)."),
+    out: Path = typer.Option(..., help="Run folder: checkpoints/, log.jsonl, model_final.safetensors."),
+    data_root: Optional[str] = typer.Option(None, help="Root of the benchmark datasets (default: $DETECTRON2_DATASETS, else ./datasets)."),
+    split: str = typer.Option("train", help="Split of a generic dataset."),
+    init: Optional[Path] = typer.Option(None, help="Start from these weights: our .safetensors or an official .pth."),
+    clip_weights: Optional[Path] = typer.Option(None, help="Local open_clip weights for both CLIP towers (nothing is downloaded)."),
+    backbone_weights: Optional[Path] = typer.Option(None, help="Local ImageNet Swin .pth for the backbone (the official start: swin_base_patch4_window12_384_22k.pth)."),
+    max_iter: Optional[int] = typer.Option(None, help="Iterations (solver.max_iter)."),
+    batch_size: Optional[int] = typer.Option(None, help="Global batch over all processes (solver.ims_per_batch)."),
+    lr: Optional[float] = typer.Option(None, help="Base learning rate (solver.base_lr)."),
+    checkpoint_period: Optional[int] = typer.Option(None, help="Write a checkpoint every N iterations."),
+    num_workers: Optional[int] = typer.Option(None, help="Data-loading worker processes per training process."),
+    seed: Optional[int] = typer.Option(None, help="Seed of weights, data order and augmentation."),
+    set_: List[str] = typer.Option([], "--set", help="Override any recipe value: KEY=VALUE, e.g. loss.num_points=4096 (repeatable)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint, exactly."),
+    device: str = typer.Option("auto", help="cpu, cuda or auto; under torchrun each process takes its local GPU."),
+    progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Progress bar (default: when stderr is a terminal)."),
+) -> None:
+    """Train the segmentation model (SPEC 3): one process, or several under torchrun (DDP)."""
+    options = dict(config=config, dataset=dataset, out=out, data_root=data_root, split=split, init=init,
+                   clip_weights=clip_weights, backbone_weights=backbone_weights, max_iter=max_iter,
+                   batch_size=batch_size, lr=lr,
+                   checkpoint_period=checkpoint_period, num_workers=num_workers, seed=seed, settings=list(set_),
+                   resume=resume, device=device, progress=progress)
+
+    def job() -> None:
+        from cli_jobs.train import TrainOptions, run_train
+
+        run_train(TrainOptions(**options))
+
+    _run(job)
+
+
+@app.command("eval")
+def evaluate_command(
+    dataset: str = typer.Option(..., help="A benchmark name (ade150, ade847, pc59, pc459, voc20, or e.g. ade150_val) or a generic dataset folder."),
+    checkpoint: Optional[Path] = typer.Option(None, help="Evaluate the PyTorch model: our .safetensors or an official SCAN.pth (with --config)."),
+    config: Optional[str] = typer.Option(None, help="Official YAML, our JSON, or a preset (a preset alone runs random weights)."),
+    bundle: Optional[Path] = typer.Option(None, help="Evaluate an exported bundle with the torch-free runtime instead."),
+    backend: str = typer.Option("onnxruntime", help="With --bundle: onnxruntime or tensorrt."),
+    precision: str = typer.Option("fp32", help="With --bundle: fp32, fp16 or int8."),
+    threads: Optional[int] = typer.Option(None, help="With --bundle: ONNX Runtime threads."),
+    data_root: Optional[str] = typer.Option(None, help="Root of the benchmark datasets (default: $DETECTRON2_DATASETS, else ./datasets)."),
+    split: str = typer.Option("val", help="Split of a generic dataset."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write every metric, per-class IoU and the settings to this JSON file."),
+    no_resize: bool = typer.Option(False, "--no-resize", help="Feed images at their own size instead of the test resize."),
+    device: str = typer.Option("auto", help="Eager model device: cpu, cuda, cuda:N or auto."),
+    mask_thr: Optional[float] = typer.Option(None, help="Override the mask threshold."),
+    ensemble_weight: Optional[float] = typer.Option(None, help="Override the CLIP ensemble weight."),
+    replace_ratio: Optional[float] = typer.Option(None, help="Override the contextual-shift ratio."),
+    log_ensemble: Optional[bool] = typer.Option(None, "--log-ensemble/--no-log-ensemble", help="Force the log ensemble branch."),
+    benchmark_settings: bool = typer.Option(True, help="Use the official per-benchmark settings (SPEC 5.3) on benchmarks."),
+    seed: int = typer.Option(0, help="Seed for random weights and the official shift rule."),
+    progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Progress bar (default: when stderr is a terminal)."),
+) -> None:
+    """Evaluate on a dataset: mIoU, fwIoU, mACC, pACC, per-class IoU, SG-IoU; one process or several under torchrun."""
+    options = dict(dataset=dataset, checkpoint=checkpoint, config=config, bundle=bundle, backend=backend,
+                   precision=precision, threads=threads, data_root=data_root, split=split, json=json_out,
+                   resize=not no_resize, device=device, mask_thr=mask_thr, ensemble_weight=ensemble_weight,
+                   replace_ratio=replace_ratio, log_ensemble=log_ensemble, benchmark_settings=benchmark_settings,
+                   seed=seed, progress=progress)
+
+    def job() -> None:
+        from cli_jobs.evaluate import EvalOptions, run_eval
+
+        run_eval(EvalOptions(**options))
 
     _run(job)
 

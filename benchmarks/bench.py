@@ -66,7 +66,7 @@ def run_bench(backends: list, inputs: BenchInputs, plan: BenchPlan, model: dict,
     if "eager" not in entries:
         notes.append("label_agreement is null: it compares with eager, which was not among the backends")
     if inputs.resize:
-        notes.append("user images: the official test resize applied (shortest edge 640, long edge at most 2560)")
+        notes.append("user images: the model's test resize applied (its min_size_test and max_size_test; officially 640 and 2560)")
     eager_mean = entries["eager"]["end_to_end"]["mean"] if "eager" in entries else None
     ratios = {name: (eager_mean / e["end_to_end"]["mean"] if eager_mean else None) for name, e in entries.items()}
     return {

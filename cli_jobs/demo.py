@@ -1,53 +1,93 @@
 """`scan demo`: the product's main job on the embedded default, with nothing downloaded.
 
-1. export the `tiny` preset (seeded random weights) to a bundle with fp32 and INT8 pieces;
-2. segment a drawn scene with the torch-free runtime (`runtime.Segmenter`);
-3. `scan bench`: eager PyTorch against ONNX Runtime fp32 and INT8 on that scene, with the
-   table printed and the JSON, markdown and plot written beside the outputs.
+1. `scan data synth`: a seeded synthetic dataset (train and val splits);
+2. `scan train`: the `tiny` preset, briefly, on its train split;
+3. `scan eval`: the trained model against the untrained one on the val split;
+4. `scan export`: the trained model to a bundle with fp32 and INT8 pieces;
+5. `scan eval --bundle` and `scan segment --bundle`: the torch-free runtime on the same data;
+6. `scan bench`: eager PyTorch against ONNX Runtime fp32 and INT8 on two val images.
+Every step reuses what an earlier run left in OUT (delete a folder to redo its step).
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
-
-from PIL import Image
 
 from runtime.files import atomic_write
 from runtime.manifest import MANIFEST
-from runtime.synthetic import synthetic_scene
 
 from .common import check_output_dir, require_torch, say
 
-DEMO_VOCABULARY = ["sky", "grass", "house", "roof", "window", "sun", "ball", "tree"]
-DEMO_SIZE = (480, 640)  # height, width of the drawn scene
+DEMO_IMAGES = 48
+DEMO_SIZE = (256, 256)  # height, width of the synthetic images
+DEMO_ITERATIONS = 200
 
 
-def run_demo(out: Path, preset: str = "tiny", seed: int = 0, bundle: Path | None = None, runs: int = 3) -> list[Path]:
-    """Export (unless `bundle` is given), segment with the runtime, benchmark; the files written."""
+def run_demo(out: Path, preset: str = "tiny", seed: int = 0, bundle: Path | None = None, runs: int = 3,
+             train_iters: int = DEMO_ITERATIONS, images: int = DEMO_IMAGES) -> list[Path]:
+    """Run the whole chain; returns the files written. `bundle` skips training and export."""
     require_torch("scan demo")
+    from runtime.synthetic_data import write_synthetic_dataset
+
     from .bench import BenchOptions, run_bench_job
+    from .evaluate import EvalOptions, run_eval
     from .export import ExportOptions, run_export
     from .segment import SegmentOptions, run_segment
+    from .train import TrainOptions, run_train
 
-    check_output_dir(out / "input")
-    vocab = ",".join(DEMO_VOCABULARY)
-    image_path = out / "input" / "demo.png"
-    image = synthetic_scene(*DEMO_SIZE, seed=seed)
-    atomic_write(image_path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
+    check_output_dir(out)
+    data = out / "data"
+    if (data / "synthetic.json").is_file():
+        say(f"demo 1/6: reusing the synthetic dataset in {data}")
+    else:
+        say(f"demo 1/6: writing a synthetic dataset ({images} images of {DEMO_SIZE[0]}x{DEMO_SIZE[1]}) to {data}")
+        write_synthetic_dataset(data, images=images, size=DEMO_SIZE, seed=seed)
+    evals: dict[str, dict] = {}
+    checkpoint = None
     if bundle is None:
+        run = out / "train"
+        checkpoint = run / "model_final.safetensors"
+        if checkpoint.is_file():
+            say(f"demo 2/6: reusing the trained model {checkpoint}")
+        else:
+            say(f"demo 2/6: training {preset} for {train_iters} iterations on {data} (a few minutes on 2 cores)")
+            shutil.rmtree(run, ignore_errors=True)
+            run_train(TrainOptions(config=preset, dataset=str(data), out=run, max_iter=train_iters, seed=seed,
+                                   device="cpu"))
+        say("demo 3/6: scan eval of the untrained and the trained model on the val split")
+        # Same settings as the trained model's: its own image size, in-vocabulary classifier only.
+        evals["untrained"] = run_eval(EvalOptions(dataset=str(data), config=preset, seed=seed, device="cpu",
+                                                  ensemble_weight=0.0, resize=False, json=out / "eval_untrained.json"))
+        evals["trained"] = run_eval(EvalOptions(dataset=str(data), checkpoint=checkpoint, device="cpu",
+                                                json=out / "eval_trained.json"))
         bundle = out / "bundle"
         if (bundle / MANIFEST).is_file():
-            say(f"demo 1/3: reusing the bundle in {bundle} (delete it to export again)")
+            say(f"demo 4/6: reusing the bundle in {bundle} (delete it to export again)")
         else:
-            say(f"demo 1/3: exporting the {preset} preset (random weights, seed {seed}) with INT8 pieces to {bundle}")
-            run_export(ExportOptions(out=bundle, preset=preset, seed=seed, precision="int8", vocab=vocab))
-    say("demo 2/3: segmenting the drawn scene with the torch-free runtime (ONNX Runtime)")
-    written = run_segment(SegmentOptions(images=[image_path], vocab=vocab, out=out, bundle=bundle, save_logits=True,
-                                         resize=False))
-    say("demo 3/3: scan bench, eager PyTorch against ONNX Runtime fp32 and INT8 on the same scene")
+            say(f"demo 4/6: exporting the trained model with INT8 pieces to {bundle}")
+            run_export(ExportOptions(out=bundle, checkpoint=checkpoint, precision="int8"))
+    say("demo 5/6: the torch-free runtime on the same data: scan eval --bundle, scan segment --bundle")
+    evals["bundle"] = run_eval(EvalOptions(dataset=str(data), bundle=bundle, json=out / "eval_bundle.json"))
+    images = sorted((data / "images" / "val").iterdir())[:2]
+    inputs = out / "input"
+    check_output_dir(inputs)
+    for image in images:
+        shutil.copyfile(image, inputs / image.name)
+    classes = ",".join(json.loads((data / "classes.json").read_text())["classes"])
+    written = run_segment(SegmentOptions(images=[inputs / p.name for p in images], vocab=classes, out=out,
+                                         bundle=bundle, save_logits=True))
+    say("demo 6/6: scan bench, eager PyTorch against ONNX Runtime fp32 and INT8 on the same images")
     reports = [out / "bench.json", out / "bench.md", out / "bench.png"]
-    run_bench_job(BenchOptions(backends="eager,onnxruntime,onnxruntime-int8", bundle=bundle, image_size="x".join(map(str, DEMO_SIZE)),
-                               vocab=vocab, runs=runs, warmup=1, seed=seed, json=reports[0], markdown=reports[1], plot=reports[2]))
-    files = [image_path, *written, *reports]
+    run_bench_job(BenchOptions(backends="eager,onnxruntime,onnxruntime-int8", bundle=bundle, checkpoint=checkpoint,
+                               images=inputs, vocab=classes, runs=runs, warmup=1, seed=seed, json=reports[0],
+                               markdown=reports[1], plot=reports[2]))
+    summary = out / "demo_summary.json"
+    atomic_write(summary, lambda tmp: tmp.write_text(json.dumps(
+        {name: {k: result[k] for k in ("mIoU", "fwIoU", "mACC", "pACC")} for name, result in evals.items()},
+        indent=1) + "\n"))
+    say("demo: mIoU on the val split: " + ", ".join(f"{n} {r['mIoU']:.1f}" for n, r in evals.items()))
+    files = [*(inputs / p.name for p in images), *written, *reports, summary]
     say(f"demo: wrote {', '.join(str(p) for p in files)}")
     return files

@@ -221,3 +221,56 @@ def init_clip_towers(model: torch.nn.Module, weights: str | Path) -> None:
         load_state_dict_checked(model.original_clip, visual)
     except CheckpointError as exc:
         raise CheckpointError(f"{path} does not fit CLIP {model.cfg.clip.model_name}: {exc}") from None
+
+
+# -- ImageNet Swin weights for the backbone (the official training's starting point) ----------------
+# Keys of the classification checkpoint that the segmentation backbone has no use for.
+_SWIN_CLASSIFIER_KEYS = ("head.", "norm.")
+
+
+def init_backbone(model: torch.nn.Module, weights: str | Path) -> LoadReport:
+    """Initialise the Swin backbone from a LOCAL ImageNet Swin checkpoint (SPEC §3.4).
+
+    Takes Microsoft's original `swin_base_patch4_window12_384_22k.pth` (a `{"model": state_dict}`
+    file, read with weights_only=True) or a safetensors file with the same key names. The
+    detectron2 `.pkl` the official code converts it to is a pickle and is refused: pass the
+    `.pth` it was made from. The classifier head, the final norm and precomputed attention masks
+    are not used; every other backbone tensor must be present with the right shape, except the
+    output norms `norm0..3` that the segmentation backbone adds (they keep their initialisation).
+    """
+    path = Path(weights)
+    if not path.is_file():
+        raise CheckpointError(f"backbone weights not found: {path}; nothing is downloaded, pass a local file")
+    if path.suffix == ".pkl":
+        raise CheckpointError(f"{path} is a detectron2 pickle, which is never unpickled here: pass the original "
+                              "Swin .pth it was converted from (e.g. swin_base_patch4_window12_384_22k.pth)")
+    if path.suffix == ".safetensors":
+        state = read_safetensors(path)
+    else:
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except _READ_ERRORS as exc:
+            raise CheckpointError(f"cannot read {path} with weights_only=True: {_first_line(exc)}") from None
+        state = data.get("model", data) if isinstance(data, dict) else None
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{path} holds no state dict (expected a dict of tensors, optionally under 'model')")
+    backbone = model.backbone
+    own = backbone.state_dict()
+    report = LoadReport()
+    usable = {}
+    for key, value in state.items():
+        if key.startswith(_SWIN_CLASSIFIER_KEYS) or key.endswith(("attn_mask", "relative_position_index")):
+            report.ignored.append(key)
+        elif key not in own:
+            report.unexpected.append(key)
+        elif tuple(own[key].shape) != tuple(value.shape):
+            report.mismatched.append(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(own[key].shape)}")
+        else:
+            usable[key] = value
+    own_norms = [k for k in own if k.split(".")[0] in ("norm0", "norm1", "norm2", "norm3")]
+    report.missing.extend(k for k in own if k not in usable and k not in own_norms
+                          and not k.endswith("relative_position_index"))
+    if not report.ok:
+        raise CheckpointError(f"{path} does not fit the {model.cfg.name} Swin backbone: {report.describe()}")
+    backbone.load_state_dict(usable, strict=False)
+    return report

@@ -13,6 +13,7 @@ from .checkpoint import (
     CheckpointError,
     LoadReport,
     check_clip_weights,
+    init_backbone,
     init_clip_towers,
     load_official_into,
     load_state_dict_checked,
@@ -51,12 +52,14 @@ def load_model(
     device: str | torch.device | None = "cpu",
     seed: int = 0,
     clip_weights: str | Path | None = None,
+    backbone_weights: str | Path | None = None,
 ) -> LoadedModel:
     """Our `.safetensors`, an official `.pth` (needs `config`), or random weights for a config.
 
     Random weights are seeded, so the same config and seed always give the same model.
     `clip_weights`, a local open_clip file, initialises both CLIP towers of a model built
-    without a checkpoint (the starting point of training).
+    without a checkpoint, and `backbone_weights`, a local ImageNet Swin `.pth`, its backbone
+    (the starting points of training).
     """
     if checkpoint is None:
         cfg = load_config(config or "tiny")
@@ -66,12 +69,15 @@ def load_model(
         if clip_weights is not None:
             init_clip_towers(model, clip_weights)
             source += f", CLIP towers from {clip_weights}"
+        if backbone_weights is not None:
+            init_backbone(model, backbone_weights)
+            source += f", Swin backbone from {backbone_weights}"
     else:
         path = Path(checkpoint)
         if not path.is_file():
             raise CheckpointError(f"checkpoint not found: {path}")
-        if clip_weights is not None:
-            raise CheckpointError("--clip-weights only initialises a model built without a checkpoint")
+        if clip_weights is not None or backbone_weights is not None:
+            raise CheckpointError("--clip-weights and --backbone-weights only initialise a model built without --init")
         if path.suffix == ".safetensors":
             cfg = load_config(config) if config else read_checkpoint_config(path)
             model = _build(cfg, seed)

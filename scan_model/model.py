@@ -170,6 +170,38 @@ class ScanModel(nn.Module):
         logits = LOGIT_SCALE * embeddings @ text_classifier.t()
         return DecodedMasks(embeddings, logits, out.mask_logits, out.query_embeddings, out.aux)
 
+    def predict_for_training(self, image: Tensor, text_classifier: Tensor) -> list[MaskPrediction]:
+        """Class logits and mask logits of every decoder prediction, for the training losses (SPEC §3.2).
+
+        image: (B, 3, H, W) float RGB 0..255, already padded by the data pipeline.
+        text_classifier: (K+1, E), from `text_classifier` (so gradients reach the non-object
+        embedding). Returns the final prediction first, then the decoder's earlier predictions
+        (deep supervision); each has `query_embeddings` replaced by (B, Q, K+1) class logits.
+        The same calibration refines every prediction, as the official training forward does.
+        Both CLIP towers are frozen: the original CLIP runs without building a graph.
+        """
+        swin_input, clip_padded = self.normalise_and_pad(image)
+        with torch.no_grad():
+            global_clip = global_clip_forward(
+                self.original_clip, self.clip_input(clip_padded),
+                tap_layers=self.cfg.clip_tap_layers, cls_layers=self.cfg.inference.replace_layers,
+            )
+        context = self.calibration.clip_context(global_clip.layer_tokens)
+        features = self.backbone(swin_input)
+        # Under mixed precision the pixel decoder still runs in fp32, as the official one does.
+        with torch.autocast(swin_input.device.type, enabled=False):
+            pixel = self.pixel_decoder({name: f.float() for name, f in features.items()})
+        out = self.mask_decoder(pixel.multi_scale_features, pixel.mask_features)
+        sets = [MaskPrediction(out.query_embeddings, out.mask_logits), *out.aux]
+        # Calibration treats every query on its own (cross-attention to the CLIP context, then
+        # per-query layers), so all sets go through it as one batch of S*Q queries: the same
+        # values as one call per set, in far fewer and larger matrix products.
+        queries = torch.cat([pred.query_embeddings for pred in sets], dim=1)
+        refined = self.calibration.calibrate(queries, context, global_clip.final_cls)
+        logits = LOGIT_SCALE * F.normalize(refined, dim=-1) @ text_classifier.t()
+        chunks = logits.split([pred.query_embeddings.shape[1] for pred in sets], dim=1)
+        return [MaskPrediction(chunk, pred.mask_logits) for chunk, pred in zip(chunks, sets)]
+
     # -- region classifier -----------------------------------------------------------------
     def classify_regions(
         self, image: Tensor, mask_probs: Tensor, text_classifier: Tensor, shift_tokens: Tensor, rng=None,
@@ -232,12 +264,14 @@ class ScanModel(nn.Module):
         )
         return semantic_map(scores, mask_probs), scores
 
-    @torch.no_grad()
     def forward(
         self, image: Tensor, text_classifier: Tensor, rng=None, timings: dict | None = None,
         settings: InferenceSettings | None = None,
     ) -> ScanOutput:
         """One image: (1, 3, H, W) float RGB 0..255 (already resized) -> `ScanOutput`.
+
+        Inference; gradients are tracked unless the caller disables them (the segmenters run
+        it under `torch.no_grad`). Training uses `predict_for_training`.
 
         `rng` (a `random.Random`) drives the official contextual-shift rule; `timings`, when
         given, receives the wall time of each stage in seconds; `settings` are this call's

@@ -167,19 +167,24 @@ def test_convert_and_segment_with_converted(official_dev, tmp_path):
 
 
 def test_demo(tmp_path, tiny_bundle):
-    """The main job, on the session bundle (the export step is `write_bundle`, tested on its own)."""
+    """The main job's runtime half on the session bundle (training, evaluation and export have their own tests)."""
     out = tmp_path / "demo"
-    result = _run("demo", "--out", out, "--bundle", tiny_bundle.path, "--runs", "1")
+    result = _run("demo", "--out", out, "--bundle", tiny_bundle.path, "--runs", "1", "--images", "8")
     assert result.exit_code == 0, result.output
-    for name in ("input/demo.png", "demo.png", "demo_overlay.png", "demo.npz", "bench.json", "bench.md", "bench.png"):
+    inputs = sorted((out / "input").iterdir())
+    assert len(inputs) == 2 and (out / "data" / "classes.json").is_file()
+    for image in inputs:
+        for suffix in (".png", "_overlay.png", ".npz"):
+            assert (out / f"{image.stem}{suffix}").is_file(), image.stem + suffix
+        assert Image.open(out / f"{image.stem}.png").mode == "L"
+    for name in ("bench.json", "bench.md", "bench.png", "eval_bundle.json", "demo_summary.json"):
         assert (out / name).is_file(), name
-    # the generated input keeps its colours; the label map is a single-channel index image
-    assert Image.open(out / "input" / "demo.png").mode == "RGB"
-    assert Image.open(out / "demo.png").mode == "L"
     bench = json.loads((out / "bench.json").read_text())
     assert set(bench["backends"]) == {"eager", "onnxruntime", "onnxruntime-int8"}
     assert bench["backends"]["onnxruntime"]["label_agreement"]["min"] >= 0.999
     assert "| onnxruntime-int8 |" in result.output  # the table is printed
+    summary = json.loads((out / "demo_summary.json").read_text())
+    assert 0.0 <= summary["bundle"]["mIoU"] <= 100.0
 
 
 def test_output_would_overwrite_input(scene):

@@ -46,3 +46,45 @@ def test_the_import_scan_sees_imports_inside_functions(tmp_path):
     sample = tmp_path / "sample.py"
     sample.write_text("def f():\n    import cli\n    from torch import nn\n")
     assert {"cli", "torch"} <= _imported_modules(sample)
+
+
+def _imports_with_relative(path: Path, package: str) -> set[str]:
+    """Absolute names of every import in `path`, relative ones resolved against `package`."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            names.add(module)
+            names.update(f"{module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def test_inference_never_imports_training_code():
+    """Only the training package itself and the CLI's jobs import scan_model.training."""
+    offenders = []
+    for package in ("runtime", "scan_model", "export", "benchmarks"):
+        for path in (PROJECT_ROOT / package).rglob("*.py"):
+            relative = path.relative_to(PROJECT_ROOT)
+            if relative.parts[:2] == ("scan_model", "training"):
+                continue
+            dotted = ".".join(relative.with_suffix("").parts)
+            owner = dotted if path.name == "__init__.py" else dotted.rpartition(".")[0]
+            owner = owner.removesuffix(".__init__")
+            if any(n == "scan_model.training" or n.startswith("scan_model.training.")
+                   for n in _imports_with_relative(path, owner)):
+                offenders.append(str(relative))
+    assert not offenders, f"inference modules importing training code: {offenders}"
+
+
+def test_the_training_import_scan_resolves_relative_imports(tmp_path):
+    sample = tmp_path / "sample.py"
+    sample.write_text("from .training.trainer import train\nfrom . import training\n")
+    names = _imports_with_relative(sample, "scan_model")
+    assert "scan_model.training.trainer" in names and "scan_model.training" in names

@@ -1,0 +1,1 @@
+"""Training of the SCAN segmentation model (imported by nothing in inference)."""

@@ -1,0 +1,336 @@
+"""The training loop of the segmentation model (SPEC §3): one process or several under torchrun.
+
+`prepare` checks everything a user can get wrong (config keys, dataset, output folder,
+resume state) before any model is built; `train` then runs the loop: DistributedDataParallel
+when launched by torchrun, mixed precision on CUDA, checkpoints every `checkpoint_period`
+iterations and at the end, a JSON-lines log and a progress bar on rank 0.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from runtime.datasets import SegmentationDataset, open_dataset
+from runtime.errors import ScanError
+from runtime.files import atomic_write
+
+from .. import distributed as dist
+from ..checkpoint import load_state_dict_checked, save_checkpoint
+from ..config import ScanConfig
+from ..loading import load_model
+from ..model import ScanModel
+from ..official_config import load_config, read_yaml
+from . import state as ckpt
+from .config import TrainConfig, TrainConfigError, recipe, recipe_from_official, set_value
+from .criterion import CriterionConfig, SetCriterion
+from .data import AugmentedSamples, IterationBatches, batch_loader
+from .solver import build_optimizer, build_scheduler, clip_gradients
+
+LOG = "log.jsonl"
+FINAL = "model_final.safetensors"
+RUN_CONFIG = "train_config.json"
+# Settings that may change when a run is resumed: they do not alter the trajectory.
+RESUMABLE_CHANGES = ("solver.max_iter", "checkpoint_period", "keep_checkpoints", "log_period", "num_workers")
+# Labels of at most this many images are all read before training; beyond, a sample of them.
+FULL_LABEL_CHECK = 2000
+
+
+@dataclass
+class TrainRequest:
+    config: str  # preset name, official YAML or our JSON
+    dataset: str
+    out: Path
+    data_root: str | None = None
+    split: str = "train"
+    init: Path | None = None  # our .safetensors or an official .pth to start from
+    clip_weights: Path | None = None  # local open_clip weights for both CLIP towers
+    backbone_weights: Path | None = None  # local ImageNet Swin .pth for the backbone
+    overrides: list[tuple[str, str]] = field(default_factory=list)
+    resume: bool = False
+    device: str = "auto"
+    progress: bool | None = None  # None: when stderr is a terminal
+
+
+@dataclass
+class Plan:
+    model_cfg: ScanConfig
+    train_cfg: TrainConfig
+    dataset: SegmentationDataset
+    start: ckpt.TrainingState | None
+    start_weights: dict | None
+
+
+def prepare(request: TrainRequest) -> Plan:
+    """Validate the request and resolve the configs, dataset and resume point; builds no model."""
+    model_cfg = load_config(request.config)
+    train_cfg = recipe(model_cfg.name)
+    if str(request.config).endswith((".yaml", ".yml")):
+        train_cfg = recipe_from_official(train_cfg, read_yaml(request.config))
+    for key, value in request.overrides:
+        set_value(train_cfg, key, value)
+    train_cfg.validate()
+    for flag, path in (("--init", request.init), ("--clip-weights", request.clip_weights),
+                       ("--backbone-weights", request.backbone_weights)):
+        if path is not None and not Path(path).is_file():
+            raise ScanError(f"{flag} {path}: file not found (nothing is downloaded; pass a local file)")
+    dataset = open_dataset(request.dataset, request.data_root, split=request.split)
+    dataset.check_labels(None if len(dataset) <= FULL_LABEL_CHECK else FULL_LABEL_CHECK)
+    out = Path(request.out)
+    if out.exists() and not out.is_dir():
+        raise ScanError(f"--out {out} exists and is not a folder")
+    start = weights = None
+    folder = ckpt.latest(out) if out.is_dir() else None
+    if request.resume:
+        if folder is None:
+            raise ckpt.ResumeError(f"nothing to resume in {out}: no {ckpt.LAST}; drop --resume to start a new run")
+        weights, start = ckpt.load(folder)
+        train_cfg = _resumed_config(start.train_config, train_cfg)
+        if start.dataset.get("items") != len(dataset) or start.dataset.get("classes") != dataset.class_names:
+            raise ckpt.ResumeError(f"the run in {out} trained on {start.dataset.get('name')} "
+                                   f"({start.dataset.get('items')} images); pass the same --dataset to resume")
+        if start.iteration >= train_cfg.solver.max_iter:
+            raise ckpt.ResumeError(f"the run in {out} already completed {start.iteration} iterations "
+                                   f"(max_iter {train_cfg.solver.max_iter}); raise --max-iter to train further")
+    elif folder is not None or (out / LOG).exists():
+        raise ScanError(f"{out} already holds a training run: pass --resume to continue it, or choose another --out")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if train_cfg.solver.ims_per_batch % world:
+        raise TrainConfigError(f"batch size {train_cfg.solver.ims_per_batch} does not split evenly over {world} "
+                               "processes: pass --batch-size as a multiple of the process count")
+    return Plan(model_cfg, train_cfg, dataset, start, weights)
+
+
+def _resumed_config(saved: dict, requested: TrainConfig) -> TrainConfig:
+    """The recorded run's config; only settings that do not change the trajectory may differ."""
+    recorded = TrainConfig.from_dict(saved)
+    old, new = dict(_items(recorded.to_dict())), dict(_items(requested.to_dict()))
+    changed = [k for k in old if old[k] != new.get(k) and k not in RESUMABLE_CHANGES]
+    if changed:
+        shown = ", ".join(f"{k}: {old[k]} -> {new.get(k)}" for k in changed[:6])
+        raise ckpt.ResumeError(f"--resume continues the recorded run, but these settings differ: {shown}; "
+                               "start a new run in another --out to change them")
+    for key in RESUMABLE_CHANGES:
+        set_value(recorded, key, new[key])
+    return recorded
+
+
+def _items(data: dict, prefix: str = ""):
+    for key, value in data.items():
+        if isinstance(value, dict):
+            yield from _items(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", list(value) if isinstance(value, tuple) else value
+
+
+class TrainingForward(nn.Module):
+    """What DistributedDataParallel wraps: images -> every prediction set with class logits."""
+
+    def __init__(self, model: ScanModel, class_embeddings: torch.Tensor):
+        super().__init__()
+        self.model = model
+        self.register_buffer("class_embeddings", class_embeddings, persistent=False)
+
+    def forward(self, images: torch.Tensor) -> list[dict]:
+        classifier = self.model.text_classifier(self.class_embeddings)
+        return [{"class_logits": p.query_embeddings, "mask_logits": p.mask_logits}
+                for p in self.model.predict_for_training(images, classifier)]
+
+
+def freeze_clip(model: ScanModel) -> None:
+    """Both CLIP towers are frozen (SPEC §3.4); everything else trains."""
+    for tower in (model.clip, model.original_clip):
+        tower.requires_grad_(False)
+        tower.eval()
+
+
+def train(request: TrainRequest, plan: Plan | None = None) -> Path:
+    """Run (or resume) training; returns the final checkpoint path (on every rank)."""
+    ctx = dist.init_distributed(request.device)
+    plan = plan or prepare(request)
+    dist.barrier()  # every rank has checked the output folder before rank 0 writes to it
+    tcfg, dataset = plan.train_cfg, plan.dataset
+    out = Path(request.out)
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(out / RUN_CONFIG, lambda p: p.write_text(json.dumps(tcfg.to_dict(), indent=1) + "\n"))
+    model = load_model(request.init, request.config, device="cpu", seed=tcfg.seed,
+                       clip_weights=request.clip_weights, backbone_weights=request.backbone_weights).model
+    cfg = model.cfg
+    if tcfg.ensemble_weight is not None:
+        cfg.inference.ensemble_weight = tcfg.ensemble_weight
+    if tcfg.test_min_size is not None:
+        cfg.inference.min_size_test = tcfg.test_min_size
+    if plan.start_weights is not None:
+        load_state_dict_checked(model, plan.start_weights)
+    model = model.to(ctx.device)
+    model.train()
+    freeze_clip(model)
+    with torch.no_grad():
+        class_embeddings = model.encode_text(dataset.class_names)
+    forward = TrainingForward(model, class_embeddings).to(ctx.device)
+    wrapped = forward
+    if ctx.distributed:
+        wrapped = nn.parallel.DistributedDataParallel(
+            forward, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
+    loss_cfg = tcfg.loss
+    criterion = SetCriterion(CriterionConfig(
+        num_classes=len(dataset.class_names), no_object_weight=loss_cfg.no_object_weight,
+        class_weight=loss_cfg.class_weight, mask_weight=loss_cfg.mask_weight, dice_weight=loss_cfg.dice_weight,
+        num_points=loss_cfg.num_points, oversample_ratio=loss_cfg.oversample_ratio,
+        importance_sample_ratio=loss_cfg.importance_sample_ratio, deep_supervision=loss_cfg.deep_supervision,
+    )).to(ctx.device)
+    optimizer = build_optimizer(model, tcfg.solver)
+    scheduler = build_scheduler(optimizer, tcfg.solver)
+    start_iter = 0
+    torch.manual_seed(tcfg.seed * 1009 + ctx.rank)
+    if plan.start is not None:
+        start_iter = _restore(plan.start, optimizer, scheduler, ctx)
+    _truncate_log(out / LOG, start_iter, ctx)
+    samples = AugmentedSamples(dataset, tcfg.augment, tcfg.seed)
+    batches = IterationBatches(len(dataset), tcfg.solver.ims_per_batch, ctx.rank, ctx.world_size, tcfg.seed,
+                               start_iter, tcfg.solver.max_iter)
+    loader = batch_loader(samples, batches, tcfg.num_workers)
+    use_amp = tcfg.solver.amp and ctx.device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    progress = _Progress(ctx.is_main, start_iter, tcfg.solver.max_iter, request.progress)
+    last_saved = start_iter
+    iteration = start_iter
+    tick = time.perf_counter()
+    for iteration, batch in enumerate(loader, start=start_iter):
+        data_time = time.perf_counter() - tick
+        images = batch["images"].to(ctx.device, non_blocking=True)
+        targets = [{k: v.to(ctx.device) for k, v in t.items()} for t in batch["targets"]]
+        num_masks = torch.tensor([float(sum(len(t["labels"]) for t in targets))], device=ctx.device)
+        num_masks = max(float(dist.all_reduce_sum(num_masks)) / ctx.world_size, 1.0)
+        with torch.autocast(ctx.device.type, dtype=torch.float16, enabled=use_amp):
+            predictions = wrapped(images)
+        predictions = [{k: v.float() for k, v in p.items()} for p in predictions]
+        losses = criterion(predictions, targets, num_masks=num_masks)
+        total = criterion.weighted_total(losses)
+        if not torch.isfinite(total):
+            raise FloatingPointError(f"loss is {float(total)} at iteration {iteration}: lower --lr or check the data")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(total).backward()
+        scaler.unscale_(optimizer)
+        grad_norm = clip_gradients(model, tcfg.solver.clip_grad_norm)
+        lr = optimizer.param_groups[0]["lr"]
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        done = iteration + 1
+        step_time = time.perf_counter() - tick
+        if done % tcfg.log_period == 0 or done == tcfg.solver.max_iter or done == start_iter + 1:
+            record = _log_record(done, lr, total, losses, grad_norm, step_time, data_time, progress, ctx)
+            if ctx.is_main:
+                with open(out / LOG, "a") as handle:
+                    handle.write(json.dumps(record) + "\n")
+        progress.update(total.item(), lr)
+        if done % tcfg.checkpoint_period == 0 and done < tcfg.solver.max_iter:
+            _save(out, model, cfg, tcfg, dataset, optimizer, scheduler, done, ctx)
+            last_saved = done
+        tick = time.perf_counter()
+    progress.close()
+    done = tcfg.solver.max_iter
+    if last_saved != done:
+        _save(out, model, cfg, tcfg, dataset, optimizer, scheduler, done, ctx)
+    hashes = dist.all_gather_objects(parameter_digest(model))
+    if ctx.is_main:
+        save_checkpoint(model, cfg, out / FINAL)
+        with open(out / LOG, "a") as handle:
+            handle.write(json.dumps({"iter": done, "final": str(out / FINAL), "world_size": ctx.world_size,
+                                     "parameter_sha256_by_rank": hashes}) + "\n")
+    dist.barrier()
+    return out / FINAL
+
+
+def parameter_digest(model: nn.Module) -> str:
+    """sha256 over every parameter's bytes, in name order: equal digests mean equal models."""
+    digest = hashlib.sha256()
+    for name, param in sorted(model.named_parameters()):
+        digest.update(name.encode())
+        digest.update(param.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _restore(start: ckpt.TrainingState, optimizer, scheduler, ctx: dist.DistContext) -> int:
+    optimizer.load_state_dict(start.optimizer)
+    scheduler.load_state_dict(start.scheduler)
+    if len(start.rng) == ctx.world_size:
+        torch.set_rng_state(start.rng[ctx.rank])
+        if ctx.device.type == "cuda" and start.cuda_rng[ctx.rank] is not None:
+            torch.cuda.set_rng_state(start.cuda_rng[ctx.rank], ctx.device)
+    elif ctx.is_main:
+        print(f"warning: the checkpoint was written by {len(start.rng)} processes, this run has {ctx.world_size}: "
+              "the data order is the same, random draws in the model are not", file=sys.stderr)
+    return start.iteration
+
+
+def _save(out, model, cfg, tcfg, dataset, optimizer, scheduler, iteration, ctx) -> None:
+    rng = dist.all_gather_objects(torch.get_rng_state())
+    cuda = dist.all_gather_objects(torch.cuda.get_rng_state(ctx.device) if ctx.device.type == "cuda" else None)
+    if ctx.is_main:
+        state = ckpt.TrainingState(
+            iteration=iteration, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), rng=rng,
+            cuda_rng=cuda, train_config=tcfg.to_dict(),
+            dataset={"name": dataset.name, "items": len(dataset), "classes": dataset.class_names},
+        )
+        ckpt.save(out, model, cfg, state, tcfg.keep_checkpoints)
+    dist.barrier()
+
+
+def _truncate_log(path: Path, iteration: int, ctx) -> None:
+    """Drop log lines past `iteration` (a resumed run writes them again)."""
+    if not ctx.is_main or not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("iter", 0) <= iteration and "final" not in json.loads(line)]
+    atomic_write(path, lambda p: p.write_text("".join(line + "\n" for line in kept)))
+
+
+def _log_record(done, lr, total, losses, grad_norm, step_time, data_time, progress, ctx) -> dict:
+    names = sorted(losses)
+    values = torch.stack([losses[n].detach().float() for n in names] + [total.detach().float()])
+    values = dist.all_reduce_sum(values.clone()) / ctx.world_size
+    record = {"iter": done, "lr": lr, "loss": float(values[-1]), "grad_norm": grad_norm,
+              "time": round(step_time, 4), "data_time": round(data_time, 4), "eta_s": round(progress.eta(), 1)}
+    record.update({n: round(float(v), 6) for n, v in zip(names, values[:-1])})
+    return record
+
+
+class _Progress:
+    """tqdm on rank 0 when stderr is a terminal (or when asked); nothing elsewhere."""
+
+    def __init__(self, main: bool, start: int, total: int, wanted: bool | None):
+        self.start, self.total, self.begin = start, total, time.perf_counter()
+        self.done = start
+        show = main and (sys.stderr.isatty() if wanted is None else wanted)
+        self.bar = None
+        if show:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, desc="train", unit="it", dynamic_ncols=True)
+
+    def update(self, loss: float, lr: float) -> None:
+        self.done += 1
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", refresh=False)
+            self.bar.update(1)
+
+    def eta(self) -> float:
+        elapsed = time.perf_counter() - self.begin
+        finished = max(self.done - self.start, 1)
+        return elapsed / finished * max(self.total - self.done, 0)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
