@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runtime.datasets import open_dataset
-from runtime.errors import ScanError
 from runtime.evaluation import evaluate, report, summary_lines
 from runtime.files import atomic_write
 
 from .common import require_torch, say
+from .segmenters import open_segmenter
 
 
 @dataclass
@@ -44,19 +44,11 @@ class EvalOptions:
 
 
 def _segmenter(opts: EvalOptions):
-    if (opts.bundle is None) == (opts.checkpoint is None and opts.config is None):
-        raise ScanError("pass either --checkpoint (with --config for an official .pth) or --bundle")
-    if opts.bundle is not None:
-        from runtime.segmenter import Segmenter
-
-        return Segmenter(opts.bundle, backend=opts.backend, precision=opts.precision, threads=opts.threads,
-                         resize=opts.resize)
-    require_torch("scan eval --checkpoint")
-    from scan_model.loading import load_model
-    from scan_model.segmenter import EagerSegmenter
-
-    loaded = load_model(opts.checkpoint, opts.config, device=_device(opts.device), seed=opts.seed)
-    return EagerSegmenter(loaded.model, resize=opts.resize, seed=opts.seed)
+    segmenter, _, note = open_segmenter(opts.bundle, opts.checkpoint, opts.config, opts.backend, opts.precision,
+                                        opts.threads, opts.resize, _device(opts.device), opts.seed, "scan eval")
+    if note:
+        say(note)
+    return segmenter
 
 
 def _device(device: str) -> str:

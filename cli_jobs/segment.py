@@ -11,12 +11,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from runtime.errors import ScanError
 from runtime.images import load_image
 from runtime.outputs import write_outputs
 from runtime.vocab import benchmark_vocabularies, parse_vocabulary
 
-from .common import check_images, check_output_dir, require_torch, say
+from .common import check_images, check_output_dir, say
+from .segmenters import open_segmenter
 
 
 @dataclass
@@ -43,30 +43,8 @@ class SegmentOptions:
 
 
 def _segmenter(opts: SegmentOptions):
-    """The runtime's `Segmenter` for --bundle, else the eager model's; the model's name; a note for the user."""
-    if opts.bundle is not None:
-        if opts.checkpoint is not None or opts.config is not None:
-            raise ScanError("pass either --bundle, or --checkpoint/--config for the PyTorch model, not both")
-        if opts.device not in ("auto", "cpu"):
-            raise ScanError("--device applies to the PyTorch model; with --bundle choose --backend (and ONNX Runtime providers)")
-        from runtime.segmenter import Segmenter
-
-        segmenter = Segmenter(opts.bundle, backend=opts.backend, precision=opts.precision, threads=opts.threads,
-                              resize=opts.resize, report=say)
-        return segmenter, segmenter.manifest.model.name, None
-    if opts.backend != "onnxruntime" or opts.precision != "fp32":
-        raise ScanError("--backend and --precision apply to --bundle; the PyTorch model runs with --device")
-    if opts.checkpoint is None and opts.config is None:
-        raise ScanError("pass --bundle, or --checkpoint (with --config for an official SCAN.pth), or --config PRESET for random weights")
-    require_torch("scan segment --checkpoint/--config")
-    from scan_model.loading import load_model
-    from scan_model.segmenter import EagerSegmenter
-
-    loaded = load_model(opts.checkpoint, opts.config, device=opts.device, seed=opts.seed)
-    note = None
-    if opts.checkpoint is None:
-        note = f"note: no checkpoint given, running {loaded.source}; the segmentation is not meaningful"
-    return EagerSegmenter(loaded.model, resize=opts.resize, seed=opts.seed), loaded.cfg.name, note
+    return open_segmenter(opts.bundle, opts.checkpoint, opts.config, opts.backend, opts.precision, opts.threads,
+                          opts.resize, opts.device, opts.seed, "scan segment")
 
 
 def run_segment(opts: SegmentOptions) -> list[Path]:

@@ -70,6 +70,6 @@ def run_synth(out: Path, images: int, size: str, seed: int) -> dict:
     except ValueError:
         raise DatasetError(f"bad --size {size!r}: write HxW (e.g. 256x256) or one number") from None
     summary = write_synthetic_dataset(out, images=images, size=shape, seed=seed)
-    say(f"data synth: wrote {out} ({', '.join(f'{k}: {v}' for k, v in summary.get('counts', {}).items())} images, "
-        f"{len(summary.get('classes', []))} classes); use it with --dataset {out}")
+    counts = ", ".join(f"{split} {n}" for split, n in summary["images"].items())
+    say(f"data synth: wrote {out} (images: {counts}; {len(summary['classes'])} classes); use it with --dataset {out}")
     return summary

@@ -60,6 +60,18 @@ def _log(out):
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
 
+def test_data_synth_command(tmp_path):
+    out = tmp_path / "synth"
+    result = _cli("data", "synth", "--out", out, "--images", 4, "--size", "64x96", "--seed", 2)
+    assert result.exit_code == 0, result.output
+    assert "train 3" in result.stderr and "val 1" in result.stderr
+    from runtime.datasets import open_dataset
+
+    image, label = open_dataset(out, split="val").read(0)
+    assert image.shape == (64, 96, 3) and label.shape == (64, 96)
+    assert "HxW" in _one_error_line(_cli("data", "synth", "--out", tmp_path / "other", "--size", "big"))
+
+
 # -- the recipe ---------------------------------------------------------------------------------------
 
 

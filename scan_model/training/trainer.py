@@ -8,6 +8,7 @@ iterations and at the end, a JSON-lines log and a progress bar on rank 0.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -181,13 +182,8 @@ def train(request: TrainRequest, plan: Plan | None = None) -> Path:
     if ctx.distributed:
         wrapped = nn.parallel.DistributedDataParallel(
             forward, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
-    loss_cfg = tcfg.loss
-    criterion = SetCriterion(CriterionConfig(
-        num_classes=len(dataset.class_names), no_object_weight=loss_cfg.no_object_weight,
-        class_weight=loss_cfg.class_weight, mask_weight=loss_cfg.mask_weight, dice_weight=loss_cfg.dice_weight,
-        num_points=loss_cfg.num_points, oversample_ratio=loss_cfg.oversample_ratio,
-        importance_sample_ratio=loss_cfg.importance_sample_ratio, deep_supervision=loss_cfg.deep_supervision,
-    )).to(ctx.device)
+    criterion = SetCriterion(CriterionConfig(num_classes=len(dataset.class_names), **dataclasses.asdict(tcfg.loss)))
+    criterion = criterion.to(ctx.device)
     optimizer = build_optimizer(model, tcfg.solver)
     scheduler = build_scheduler(optimizer, tcfg.solver)
     start_iter = 0
