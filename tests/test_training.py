@@ -174,6 +174,23 @@ def test_backbone_starts_from_an_imagenet_swin_checkpoint(tmp_path):
         load_model(None, "tiny", backbone_weights=tmp_path / "swin.pkl")
 
 
+def test_crops_are_padded_with_the_datasets_own_ignore_value(tmp_path):
+    from runtime.datasets import open_dataset, write_label
+    from scan_model.training.augment import AugmentConfig
+    from scan_model.training.data import AugmentedSamples
+
+    root = tmp_path / "wide"
+    (root / "images").mkdir(parents=True)
+    (root / "annotations").mkdir()
+    (root / "classes.json").write_text(json.dumps({"classes": [f"c{i}" for i in range(300)], "ignore_label": 65535}))
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(root / "images" / "a.png")
+    write_label(root / "annotations" / "a.png", np.full((32, 32), 299), 65535)
+    samples = AugmentedSamples(open_dataset(root), AugmentConfig(min_sizes=(32,), crop_size=(64, 64)), seed=0)
+    sample = samples[(0, 0)]
+    assert sample["labels"].tolist() == [299]  # the padding is not a class
+    assert int(sample["masks"].sum()) == 32 * 32
+
+
 # -- bad input, refused before any work -----------------------------------------------------------------
 
 
@@ -234,6 +251,9 @@ def test_kill_and_resume_equals_an_uninterrupted_run(synth, tmp_path):
     # A resumed run refuses changes that would alter its trajectory.
     line = _one_error_line(_cli("train", *common, "--out", killed, "--lr", "1", "--resume"))
     assert "solver.base_lr" in line
+    # Without the original flags the recorded recipe applies (here: all 5 iterations are done).
+    line = _one_error_line(_cli("train", "--config", "tiny", "--dataset", synth, "--out", killed, "--resume"))
+    assert "already completed 5 iterations" in line
 
 
 def test_two_processes_keep_identical_parameters_and_evaluate_like_one(synth, tmp_path):

@@ -8,6 +8,7 @@ loader workers, and (for the same global batch) with any number of processes.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 
 import numpy as np
@@ -23,7 +24,8 @@ class AugmentedSamples(Dataset):
     """Indexed by (epoch, sample index): the augmented image and its per-class targets."""
 
     def __init__(self, dataset: SegmentationDataset, cfg: AugmentConfig, seed: int):
-        self.dataset, self.cfg, self.seed = dataset, cfg, seed
+        # Crops are padded with the dataset's own ignore value (65535 for the 16-bit benchmarks).
+        self.dataset, self.cfg, self.seed = dataset, dataclasses.replace(cfg, ignore_label=dataset.ignore_label), seed
 
     def __len__(self) -> int:
         return len(self.dataset)

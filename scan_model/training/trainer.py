@@ -94,7 +94,7 @@ def prepare(request: TrainRequest) -> Plan:
         if folder is None:
             raise ckpt.ResumeError(f"nothing to resume in {out}: no {ckpt.LAST}; drop --resume to start a new run")
         weights, start = ckpt.load(folder)
-        train_cfg = _resumed_config(start.train_config, train_cfg)
+        train_cfg = _resumed_config(start.train_config, request.overrides)
         if start.dataset.get("items") != len(dataset) or start.dataset.get("classes") != dataset.class_names:
             raise ckpt.ResumeError(f"the run in {out} trained on {start.dataset.get('name')} "
                                    f"({start.dataset.get('items')} images); pass the same --dataset to resume")
@@ -110,17 +110,23 @@ def prepare(request: TrainRequest) -> Plan:
     return Plan(model_cfg, train_cfg, dataset, start, weights)
 
 
-def _resumed_config(saved: dict, requested: TrainConfig) -> TrainConfig:
-    """The recorded run's config; only settings that do not change the trajectory may differ."""
+def _resumed_config(saved: dict, overrides: list[tuple[str, str]]) -> TrainConfig:
+    """The recorded run's config. Settings given again on the command line must agree with it,
+    except those that do not change the trajectory (`RESUMABLE_CHANGES`), which apply."""
     recorded = TrainConfig.from_dict(saved)
-    old, new = dict(_items(recorded.to_dict())), dict(_items(requested.to_dict()))
-    changed = [k for k in old if old[k] != new.get(k) and k not in RESUMABLE_CHANGES]
+    changed = []
+    for key, value in overrides:
+        probe = TrainConfig.from_dict(saved)
+        set_value(probe, key, value)
+        before, after = dict(_items(recorded.to_dict())), dict(_items(probe.to_dict()))
+        if key in RESUMABLE_CHANGES:
+            set_value(recorded, key, value)
+        elif before.get(key) != after.get(key):
+            changed.append(f"{key}: {before.get(key)} -> {after.get(key)}")
     if changed:
-        shown = ", ".join(f"{k}: {old[k]} -> {new.get(k)}" for k in changed[:6])
-        raise ckpt.ResumeError(f"--resume continues the recorded run, but these settings differ: {shown}; "
+        raise ckpt.ResumeError(f"--resume continues the recorded run, but these settings differ: {', '.join(changed)}; "
                                "start a new run in another --out to change them")
-    for key in RESUMABLE_CHANGES:
-        set_value(recorded, key, new[key])
+    recorded.validate()
     return recorded
 
 
