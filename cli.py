@@ -78,7 +78,7 @@ def demo(
     out: Path = typer.Option(Path("demo_out"), help="Output folder (steps whose results are there are reused)."),
     preset: str = typer.Option("tiny", help="Model preset to train."),
     seed: int = typer.Option(0, help="Seed of the data, the weights and the training."),
-    train_iters: int = typer.Option(200, help="Training iterations of the tiny model."),
+    train_iters: int = typer.Option(300, help="Training iterations of the tiny model."),
     images: int = typer.Option(48, help="Synthetic images (a quarter of them, at least one, form the val split)."),
     bundle: Optional[Path] = typer.Option(None, help="Skip training and export: evaluate, segment and bench this bundle."),
     runs: int = typer.Option(3, help="Timed rounds of the benchmark."),

@@ -3,9 +3,14 @@
 1. `scan data synth`: a seeded synthetic dataset (train and val splits);
 2. `scan train`: the `tiny` preset, briefly, on its train split;
 3. `scan eval`: the trained model against the untrained one on the val split;
-4. `scan export`: the trained model to a bundle with fp32 and INT8 pieces;
+4. `scan export`: the trained model to a bundle (fp32 pieces, each gated against eager);
 5. `scan eval --bundle` and `scan segment --bundle`: the torch-free runtime on the same data;
-6. `scan bench`: eager PyTorch against ONNX Runtime fp32 and INT8 on two val images.
+6. `scan bench`: eager PyTorch against ONNX Runtime (and its INT8 pieces when the bundle has them)
+   on two val images.
+
+The trained bundle gets no INT8 pieces: on the gate's drawn scenes, which lie outside what `tiny`
+learned, the INT8 `tiny` flips 1-5% of the labels depending on the training run, around the gate's
+98% threshold (README, "Training and evaluation").
 Every step reuses what an earlier run left in OUT (delete a folder to redo its step).
 """
 
@@ -16,13 +21,13 @@ import shutil
 from pathlib import Path
 
 from runtime.files import atomic_write
-from runtime.manifest import MANIFEST
+from runtime.manifest import MANIFEST, read_manifest
 
 from .common import check_output_dir, require_torch, say
 
 DEMO_IMAGES = 48
 DEMO_SIZE = (256, 256)  # height, width of the synthetic images
-DEMO_ITERATIONS = 200
+DEMO_ITERATIONS = 300
 
 
 def run_demo(out: Path, preset: str = "tiny", seed: int = 0, bundle: Path | None = None, runs: int = 3,
@@ -66,8 +71,8 @@ def run_demo(out: Path, preset: str = "tiny", seed: int = 0, bundle: Path | None
         if (bundle / MANIFEST).is_file():
             say(f"demo 4/6: reusing the bundle in {bundle} (delete it to export again)")
         else:
-            say(f"demo 4/6: exporting the trained model with INT8 pieces to {bundle}")
-            run_export(ExportOptions(out=bundle, checkpoint=checkpoint, precision="int8"))
+            say(f"demo 4/6: exporting the trained model to {bundle}")
+            run_export(ExportOptions(out=bundle, checkpoint=checkpoint))
     say("demo 5/6: the torch-free runtime on the same data: scan eval --bundle, scan segment --bundle")
     evals["bundle"] = run_eval(EvalOptions(dataset=str(data), bundle=bundle, json=out / "eval_bundle.json"))
     images = sorted((data / "images" / "val").iterdir())[:2]
@@ -78,9 +83,10 @@ def run_demo(out: Path, preset: str = "tiny", seed: int = 0, bundle: Path | None
     classes = ",".join(json.loads((data / "classes.json").read_text())["classes"])
     written = run_segment(SegmentOptions(images=[inputs / p.name for p in images], vocab=classes, out=out,
                                          bundle=bundle, save_logits=True))
-    say("demo 6/6: scan bench, eager PyTorch against ONNX Runtime fp32 and INT8 on the same images")
+    backends = "eager,onnxruntime" + (",onnxruntime-int8" if _has_int8(bundle) else "")
+    say(f"demo 6/6: scan bench of {backends} on the same images")
     reports = [out / "bench.json", out / "bench.md", out / "bench.png"]
-    run_bench_job(BenchOptions(backends="eager,onnxruntime,onnxruntime-int8", bundle=bundle, checkpoint=checkpoint,
+    run_bench_job(BenchOptions(backends=backends, bundle=bundle, checkpoint=checkpoint,
                                images=inputs, vocab=classes, runs=runs, warmup=1, seed=seed, json=reports[0],
                                markdown=reports[1], plot=reports[2]))
     summary = out / "demo_summary.json"
@@ -91,3 +97,7 @@ def run_demo(out: Path, preset: str = "tiny", seed: int = 0, bundle: Path | None
     files = [*(inputs / p.name for p in images), *written, *reports, summary]
     say(f"demo: wrote {', '.join(str(p) for p in files)}")
     return files
+
+
+def _has_int8(bundle: Path) -> bool:
+    return any(piece.int8 is not None for piece in read_manifest(bundle).pieces.values())

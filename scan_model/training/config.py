@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from runtime.errors import ScanError
 
 from .augment import AugmentConfig
+from .criterion import LossConfig
 
 
 class TrainConfigError(ScanError, ValueError):
@@ -40,20 +41,6 @@ class SolverConfig:
     clip_grad_norm: float = 0.01  # full-model L2 norm; 0 turns clipping off
     ims_per_batch: int = 32  # global batch, split evenly over the processes
     amp: bool = True  # mixed precision on CUDA only (the official recipe trains in fp32)
-
-
-@dataclass
-class LossConfig:
-    """Matcher and criterion weights, point sampling (SPEC §3.3)."""
-
-    class_weight: float = 2.0
-    mask_weight: float = 5.0
-    dice_weight: float = 5.0
-    no_object_weight: float = 0.1
-    num_points: int = 12544
-    oversample_ratio: float = 3.0
-    importance_sample_ratio: float = 0.75
-    deep_supervision: bool = True
 
 
 @dataclass

@@ -22,19 +22,27 @@ from .points import point_sample, uncertainty_points
 
 
 @dataclass
-class CriterionConfig:
-    num_classes: int
-    no_object_weight: float = 0.1
+class LossConfig:
+    """Matcher and criterion weights, point sampling (SPEC §3.3); the recipe's `loss` section."""
+
     class_weight: float = 2.0
     mask_weight: float = 5.0
     dice_weight: float = 5.0
+    no_object_weight: float = 0.1
     num_points: int = 12544
     oversample_ratio: float = 3.0
     importance_sample_ratio: float = 0.75
     deep_supervision: bool = True
+
+
+@dataclass
+class CriterionConfig(LossConfig):
+    num_classes: int = 0  # K real classes (the no-object class is index K); taken from the dataset
     matcher: MatcherConfig | None = None  # None: the loss weights and num_points, as the official config
 
     def __post_init__(self) -> None:
+        if self.num_classes < 1:
+            raise ValueError(f"num_classes must be at least 1, got {self.num_classes}")
         if self.matcher is None:
             self.matcher = MatcherConfig(self.class_weight, self.mask_weight, self.dice_weight, self.num_points)
 
