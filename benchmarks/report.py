@@ -40,7 +40,7 @@ def markdown(result: dict) -> str:
     lines = [
         f"## scan bench: {result['model']['name']}, {result['model']['weights']}",
         "",
-        f"{len(inputs['images'])} image(s) at {sizes}{' (official resize)' if inputs['resize'] else ''}, "
+        f"{len(inputs['images'])} image(s) at {sizes}{' (after the test resize)' if inputs['resize'] else ''}, "
         f"vocabulary {inputs['vocabulary']['name']} ({inputs['vocabulary']['size']} names), {result['runs']} rounds "
         f"after {result['warmup']} warm-up call(s), threads: {result['threads']['onnxruntime_intra_op']}; "
         f"{result['machine']['cpu']}, {result['machine']['logical_cores']} logical cores.",
