@@ -67,18 +67,18 @@ def _imports_with_relative(path: Path, package: str) -> set[str]:
 
 
 def test_inference_never_imports_training_code():
-    """Only the training package itself and the CLI's jobs import scan_model.training."""
+    """Only the training packages themselves and the CLI's jobs import scan_model.training/finetune."""
     offenders = []
     for package in ("runtime", "scan_model", "export", "benchmarks"):
         for path in (PROJECT_ROOT / package).rglob("*.py"):
             relative = path.relative_to(PROJECT_ROOT)
-            if relative.parts[:2] == ("scan_model", "training"):
+            if relative.parts[:2] in (("scan_model", "training"), ("scan_model", "finetune")):
                 continue
             dotted = ".".join(relative.with_suffix("").parts)
             owner = dotted if path.name == "__init__.py" else dotted.rpartition(".")[0]
             owner = owner.removesuffix(".__init__")
-            if any(n == "scan_model.training" or n.startswith("scan_model.training.")
-                   for n in _imports_with_relative(path, owner)):
+            if any(n.startswith(f"scan_model.{part}") and n.split(".")[1] == part
+                   for n in _imports_with_relative(path, owner) for part in ("training", "finetune")):
                 offenders.append(str(relative))
     assert not offenders, f"inference modules importing training code: {offenders}"
 
