@@ -71,7 +71,8 @@ def _merge(into: dict, update: dict) -> None:
             into[key] = value
 
 
-def _get(tree: dict, dotted: str, default=None):
+def get_dotted(tree: dict, dotted: str, default=None):
+    """tree["A"]["B"] for "A.B", or `default` where a level is missing."""
     node = tree
     for part in dotted.split("."):
         if not isinstance(node, dict) or part not in node:
@@ -97,21 +98,21 @@ _NAMES = {"ViT-B-16": "vitb", "ViT-L-14": "vitl", "SCAN-tiny-16": "tiny"}
 
 def config_from_official(data: dict, source: str = "config") -> ScanConfig:
     """Translate an official config tree into a `ScanConfig` (validated)."""
-    arch = _get(data, "MODEL.META_ARCHITECTURE")
+    arch = get_dotted(data, "MODEL.META_ARCHITECTURE")
     if arch not in ("SCAN", "SCANDEMO"):
         raise ConfigError(f"{source}: MODEL.META_ARCHITECTURE is {arch!r}, expected 'SCAN' (is this a SCAN config?)")
     for key, official in _UNSUPPORTED.items():
-        value = _get(data, key, official)
+        value = get_dotted(data, key, official)
         if value != official:
             raise ConfigError(f"{source}: {key} = {value!r} is not supported (the official SCAN configs use {official!r})")
 
-    clip_name = _get(data, "MODEL.CLIP_ADAPTER.CLIP_MODEL_NAME", "ViT-B-16")
+    clip_name = get_dotted(data, "MODEL.CLIP_ADAPTER.CLIP_MODEL_NAME", "ViT-B-16")
     try:
         clip = clip_config(clip_name)
     except ValueError as exc:
         raise ConfigError(f"{source}: {exc}") from None
 
-    g = lambda key, default=None: _get(data, key, default)  # noqa: E731
+    g = lambda key, default=None: get_dotted(data, key, default)  # noqa: E731
     swin = SwinConfig(
         embed_dim=g("MODEL.SWIN.EMBED_DIM", 96),
         depths=tuple(g("MODEL.SWIN.DEPTHS", (2, 2, 6, 2))),

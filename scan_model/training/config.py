@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from runtime.errors import ScanError
 
+from ..official_config import get_dotted
 from .augment import AugmentConfig
 from .criterion import LossConfig
 
@@ -114,14 +115,6 @@ def recipe(model_name: str) -> TrainConfig:
 
 def recipe_from_official(base: TrainConfig, data: dict) -> TrainConfig:
     """Override `base` with the training keys of an official YAML (already read into a dict)."""
-    def get(dotted: str):
-        node = data
-        for part in dotted.split("."):
-            if not isinstance(node, dict) or part not in node:
-                return None
-            node = node[part]
-        return node
-
     mapping = {
         "SOLVER.BASE_LR": "solver.base_lr", "SOLVER.WEIGHT_DECAY": "solver.weight_decay",
         "SOLVER.WEIGHT_DECAY_NORM": "solver.weight_decay_norm", "SOLVER.WEIGHT_DECAY_EMBED": "solver.weight_decay_embed",
@@ -140,7 +133,7 @@ def recipe_from_official(base: TrainConfig, data: dict) -> TrainConfig:
     }
     config = TrainConfig.from_dict(base.to_dict())
     for official, ours in mapping.items():
-        value = get(official)
+        value = get_dotted(data, official)
         if value is None:
             continue
         if official == "INPUT.CROP.SIZE" and isinstance(value, str):  # "(640, 640)" in the YAML
@@ -150,7 +143,7 @@ def recipe_from_official(base: TrainConfig, data: dict) -> TrainConfig:
         if official == "SEED" and value < 0:
             continue  # the official -1 means a time-derived seed; we stay deterministic
         set_value(config, ours, value)
-    if get("SOLVER.CLIP_GRADIENTS.ENABLED") is False:
+    if get_dotted(data, "SOLVER.CLIP_GRADIENTS.ENABLED") is False:
         config.solver.clip_grad_norm = 0.0
     return config
 

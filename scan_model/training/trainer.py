@@ -26,7 +26,6 @@ from runtime.files import atomic_write
 
 from .. import distributed as dist
 from ..checkpoint import load_state_dict_checked, save_checkpoint
-from ..config import ScanConfig
 from ..loading import load_model
 from ..model import ScanModel
 from ..official_config import load_config, read_yaml
@@ -63,7 +62,6 @@ class TrainRequest:
 
 @dataclass
 class Plan:
-    model_cfg: ScanConfig
     train_cfg: TrainConfig
     dataset: SegmentationDataset
     start: ckpt.TrainingState | None
@@ -72,8 +70,7 @@ class Plan:
 
 def prepare(request: TrainRequest) -> Plan:
     """Validate the request and resolve the configs, dataset and resume point; builds no model."""
-    model_cfg = load_config(request.config)
-    train_cfg = recipe(model_cfg.name)
+    train_cfg = recipe(load_config(request.config).name)
     if str(request.config).endswith((".yaml", ".yml")):
         train_cfg = recipe_from_official(train_cfg, read_yaml(request.config))
     for key, value in request.overrides:
@@ -107,7 +104,7 @@ def prepare(request: TrainRequest) -> Plan:
     if train_cfg.solver.ims_per_batch % world:
         raise TrainConfigError(f"batch size {train_cfg.solver.ims_per_batch} does not split evenly over {world} "
                                "processes: pass --batch-size as a multiple of the process count")
-    return Plan(model_cfg, train_cfg, dataset, start, weights)
+    return Plan(train_cfg, dataset, start, weights)
 
 
 def _resumed_config(saved: dict, overrides: list[tuple[str, str]]) -> TrainConfig:
@@ -293,9 +290,9 @@ def _truncate_log(path: Path, iteration: int, ctx) -> None:
     """Drop log lines past `iteration` (a resumed run writes them again)."""
     if not ctx.is_main or not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("iter", 0) <= iteration and "final" not in json.loads(line)]
-    atomic_write(path, lambda p: p.write_text("".join(line + "\n" for line in kept)))
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    kept = [r for r in records if r.get("iter", 0) <= iteration and "final" not in r]
+    atomic_write(path, lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in kept)))
 
 
 def _log_record(done, lr, total, losses, grad_norm, step_time, data_time, progress, ctx) -> dict:
