@@ -141,6 +141,25 @@ def convert(
 
 
 @app.command()
+def fuse(
+    checkpoint: Path = typer.Option(..., help="Segmentation checkpoint: our .safetensors or an official SCAN.pth (with --config)."),
+    clip: Path = typer.Option(..., help="Finetuned CLIP: the official CS_CLIP.pt, our finetuning .safetensors, or a plain open_clip file."),
+    out: Path = typer.Option(..., help="Fused checkpoint to write (.safetensors; a .json config is written beside it)."),
+    config: Optional[str] = typer.Option(None, help="With an official .pth: its official YAML or a preset (tiny, vitb, vitl)."),
+    ensemble_weight: Optional[float] = typer.Option(None, help="Store this CLIP ensemble weight (0..1, official 0.7) in the fused config."),
+) -> None:
+    """Put a finetuned CLIP into a segmentation checkpoint (the official replace_clip step, SPEC 3.5)."""
+    options = dict(checkpoint=checkpoint, clip=clip, out=out, config=config, ensemble_weight=ensemble_weight)
+
+    def job() -> None:
+        from cli_jobs.fuse import run_fuse
+
+        run_fuse(**options)
+
+    _run(job)
+
+
+@app.command()
 def bench(
     backends: str = typer.Option("eager,onnxruntime", help="Comma-separated: eager, onnxruntime, onnxruntime-int8, tensorrt, tensorrt-fp16, ... (backend[-precision])."),
     bundle: Optional[Path] = typer.Option(None, help="An exported bundle (eager is rebuilt from its config: --seed, or --checkpoint for real weights)."),
@@ -233,6 +252,42 @@ def train(
         from cli_jobs.train import TrainOptions, run_train
 
         run_train(TrainOptions(**options))
+
+    _run(job)
+
+
+@app.command("finetune-clip")
+def finetune_clip(
+    config: str = typer.Option(..., help="Model: a preset (tiny, vitb, vitl), an official YAML or our JSON (which CLIP, which recipe)."),
+    dataset: str = typer.Option(..., help="Segmentation dataset: a benchmark name (coco171_train, ...) or a generic folder; its ground-truth masks are the training regions (unless --csv) and its validation split the zero-shot check."),
+    out: Path = typer.Option(..., help="Run folder: checkpoints/, log.jsonl, clip_final.safetensors."),
+    init: Optional[Path] = typer.Option(None, help="Start from the CLIP towers of this SCAN checkpoint (our .safetensors, or an official .pth with --config)."),
+    clip_weights: Optional[Path] = typer.Option(None, help="Or start both towers from local open_clip weights (the official start: datacomp_xl_s13b_b90k)."),
+    csv: Optional[Path] = typer.Option(None, help="Train on an ov-seg mask-caption CSV (tab-separated filepath/title) instead of the dataset's masks."),
+    full_images: Optional[Path] = typer.Option(None, help="With --csv: folder of the full images (<stem>.jpg, stem = region name before the first '_')."),
+    val_dataset: Optional[str] = typer.Option(None, help="Dataset of the zero-shot check (default: the validation split of --dataset)."),
+    data_root: Optional[str] = typer.Option(None, help="Root of the benchmark datasets (default: $DETECTRON2_DATASETS, else ./datasets)."),
+    split: str = typer.Option("train", help="Split of a generic dataset to train on."),
+    max_steps: Optional[int] = typer.Option(None, help="Steps (solver.max_steps; default: solver.epochs epochs)."),
+    epochs: Optional[int] = typer.Option(None, help="Epochs over the regions (solver.epochs)."),
+    batch_size: Optional[int] = typer.Option(None, help="Global batch over all processes (solver.batch_size)."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate (solver.lr)."),
+    seed: Optional[int] = typer.Option(None, help="Seed of crops, shift draws and data order."),
+    set_: List[str] = typer.Option([], "--set", help="Override any recipe value: KEY=VALUE, e.g. activation=gelu (repeatable)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint, exactly."),
+    device: str = typer.Option("auto", help="cpu, cuda or auto; under torchrun each process takes its local GPU."),
+    progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Progress bar (default: when stderr is a terminal)."),
+) -> None:
+    """Finetune the region CLIP with the contextual shift (SPEC 4): one process, or several under torchrun."""
+    options = dict(config=config, dataset=dataset, out=out, init=init, clip_weights=clip_weights, csv=csv,
+                   full_images=full_images, val_dataset=val_dataset, data_root=data_root, split=split,
+                   max_steps=max_steps, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                   settings=list(set_), resume=resume, device=device, progress=progress)
+
+    def job() -> None:
+        from cli_jobs.finetune import FinetuneOptions, run_finetune
+
+        run_finetune(FinetuneOptions(**options))
 
     _run(job)
 

@@ -147,6 +147,28 @@ def build_visual(cfg: ClipConfig) -> VisionTransformer:
     return visual.eval()
 
 
+ACTIVATIONS = ("gelu", "quick_gelu")
+
+
+def set_activation(module: nn.Module, activation: str) -> nn.Module:
+    """Put ``activation`` into every transformer MLP of ``module`` (in place; returns it).
+
+    SPEC.md §4.5: the official finetuning runs with QuickGELU (``x * sigmoid(1.702 x)``, open_clip's
+    ``--force-quick-gelu``) while SCAN evaluates the same weights with exact GELU. Activations
+    hold no parameters, so the state dict is the same either way.
+    """
+    from open_clip.transformer import QuickGELU
+
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; known: {', '.join(ACTIVATIONS)}")
+    make = QuickGELU if activation == "quick_gelu" else nn.GELU
+    for block in module.modules():
+        mlp = getattr(block, "mlp", None)
+        if isinstance(mlp, nn.Sequential) and hasattr(mlp, "gelu"):
+            mlp.gelu = make()
+    return module
+
+
 def load_open_clip_weights(path: str | Path) -> dict[str, Tensor]:
     """Read a LOCAL open_clip checkpoint (.safetensors, or .pt/.bin via ``torch.load(weights_only=True)``).
 
@@ -372,7 +394,9 @@ def region_clip_forward(
         regions: (N, 3, S, S) CLIP-normalised region crops.
         foreground: (N, G*G) bool (``patch_foreground``).
         shift_tokens: (len(replace_layers), C): the ORIGINAL CLIP's CLS token after block d, batch
-            index 0, for each d in ``replace_layers`` (SPEC.md B4: one image per batch).
+            index 0, for each d in ``replace_layers`` (SPEC.md B4: one image per batch); or
+            (len(replace_layers), N, C), a token per region: the finetuning form of SPEC.md §4.2,
+            where each region gets the CLS tokens of its own full image.
         replace_layers: blocks after which the shift happens.
         replace_ratio: fraction of background tokens replaced.
         rule: ``"deterministic"`` (fixed key ranking, the same selection at every layer) or
@@ -418,6 +442,8 @@ def region_clip_forward(
             else:
                 chosen = fixed
             token = shift_tokens[shift_at[d]].to(x.dtype)
+            if token.dim() == 2:  # one token per region
+                token = token[:, None, :]
             patches = torch.where(chosen, token, x[:, 1:])
             x = torch.cat([x[:, :1], patches], dim=1)
     # Only the last block's CLS token is read. A shift after that block changes nothing, but

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,12 +23,12 @@ import torch
 from runtime.errors import ScanError
 from runtime.files import atomic_write
 
-from ..checkpoint import read_safetensors, save_checkpoint
-from ..config import ScanConfig
+from ..checkpoint import read_safetensors
 
 LAST = "last_checkpoint"
 CHECKPOINTS = "checkpoints"
 STATE_FORMAT = "scan-deploy-train-state/1"
+MODEL = "model.safetensors"
 
 
 class ResumeError(ScanError):
@@ -49,8 +50,11 @@ def checkpoint_name(iteration: int) -> str:
     return f"iter_{iteration:07d}"
 
 
-def save(out: Path, model: torch.nn.Module, cfg: ScanConfig, state: TrainingState, keep: int) -> Path:
-    """Write checkpoint folder `iter_N` and point `last_checkpoint` at it; prune old folders."""
+def save(out: Path, write_model: Callable[[Path], object], state: TrainingState, keep: int) -> Path:
+    """Write checkpoint folder `iter_N` and point `last_checkpoint` at it; prune old folders.
+
+    `write_model(path)` writes the model's safetensors file at `path` (`model.safetensors`).
+    """
     from safetensors.torch import save_file
 
     root = Path(out) / CHECKPOINTS
@@ -58,7 +62,7 @@ def save(out: Path, model: torch.nn.Module, cfg: ScanConfig, state: TrainingStat
     final = root / checkpoint_name(state.iteration)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
     try:
-        save_checkpoint(model, cfg, tmp / "model.safetensors")
+        write_model(tmp / MODEL)
         tensors, meta = _flatten_state(state)
         save_file(tensors, str(tmp / "state.safetensors"), metadata={"format": STATE_FORMAT, "state": json.dumps(meta)})
         os.chmod(tmp, 0o755)
@@ -81,7 +85,7 @@ def latest(out: Path) -> Path | None:
     if not pointer.is_file():
         return None
     folder = Path(out) / CHECKPOINTS / pointer.read_text().strip()
-    if not (folder / "model.safetensors").is_file() or not (folder / "state.safetensors").is_file():
+    if not (folder / MODEL).is_file() or not (folder / "state.safetensors").is_file():
         raise ResumeError(f"{pointer} names {folder}, which is missing or incomplete: delete {pointer} to start over")
     return folder
 
@@ -95,7 +99,7 @@ def load(folder: Path) -> tuple[dict[str, torch.Tensor], TrainingState]:
         if metadata.get("format") != STATE_FORMAT:
             raise ResumeError(f"{folder}/state.safetensors is not a scan training state ({metadata.get('format')!r})")
         tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    return read_safetensors(folder / "model.safetensors"), _unflatten_state(tensors, json.loads(metadata["state"]))
+    return read_safetensors(folder / MODEL), _unflatten_state(tensors, json.loads(metadata["state"]))
 
 
 def _flatten_state(state: TrainingState) -> tuple[dict[str, torch.Tensor], dict]:

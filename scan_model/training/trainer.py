@@ -9,10 +9,8 @@ iterations and at the end, a JSON-lines log and a progress bar on rank 0.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +31,7 @@ from . import state as ckpt
 from .config import TrainConfig, TrainConfigError, recipe, recipe_from_official, set_value
 from .criterion import CriterionConfig, SetCriterion
 from .data import AugmentedSamples, IterationBatches, batch_loader
+from .loop import Progress, parameter_digest, restore_state, truncate_log
 from .solver import build_optimizer, build_scheduler, clip_gradients
 
 LOG = "log.jsonl"
@@ -192,15 +191,15 @@ def train(request: TrainRequest, plan: Plan | None = None) -> Path:
     start_iter = 0
     torch.manual_seed(tcfg.seed * 1009 + ctx.rank)
     if plan.start is not None:
-        start_iter = _restore(plan.start, optimizer, scheduler, ctx)
-    _truncate_log(out / LOG, start_iter, ctx)
+        start_iter = restore_state(plan.start, optimizer, scheduler, ctx)
+    truncate_log(out / LOG, start_iter, ctx)
     samples = AugmentedSamples(dataset, tcfg.augment, tcfg.seed)
     batches = IterationBatches(len(dataset), tcfg.solver.ims_per_batch, ctx.rank, ctx.world_size, tcfg.seed,
                                start_iter, tcfg.solver.max_iter)
     loader = batch_loader(samples, batches, tcfg.num_workers)
     use_amp = tcfg.solver.amp and ctx.device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    progress = _Progress(ctx.is_main, start_iter, tcfg.solver.max_iter, request.progress)
+    progress = Progress(ctx.is_main, start_iter, tcfg.solver.max_iter, request.progress)
     last_saved = start_iter
     iteration = start_iter
     tick = time.perf_counter()
@@ -251,28 +250,6 @@ def train(request: TrainRequest, plan: Plan | None = None) -> Path:
     return out / FINAL
 
 
-def parameter_digest(model: nn.Module) -> str:
-    """sha256 over every parameter's bytes, in name order: equal digests mean equal models."""
-    digest = hashlib.sha256()
-    for name, param in sorted(model.named_parameters()):
-        digest.update(name.encode())
-        digest.update(param.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
-def _restore(start: ckpt.TrainingState, optimizer, scheduler, ctx: dist.DistContext) -> int:
-    optimizer.load_state_dict(start.optimizer)
-    scheduler.load_state_dict(start.scheduler)
-    if len(start.rng) == ctx.world_size:
-        torch.set_rng_state(start.rng[ctx.rank])
-        if ctx.device.type == "cuda" and start.cuda_rng[ctx.rank] is not None:
-            torch.cuda.set_rng_state(start.cuda_rng[ctx.rank], ctx.device)
-    elif ctx.is_main:
-        print(f"warning: the checkpoint was written by {len(start.rng)} processes, this run has {ctx.world_size}: "
-              "the data order is the same, random draws in the model are not", file=sys.stderr)
-    return start.iteration
-
-
 def _save(out, model, cfg, tcfg, dataset, optimizer, scheduler, iteration, ctx) -> None:
     rng = dist.all_gather_objects(torch.get_rng_state())
     cuda = dist.all_gather_objects(torch.cuda.get_rng_state(ctx.device) if ctx.device.type == "cuda" else None)
@@ -282,17 +259,8 @@ def _save(out, model, cfg, tcfg, dataset, optimizer, scheduler, iteration, ctx) 
             cuda_rng=cuda, train_config=tcfg.to_dict(),
             dataset={"name": dataset.name, "items": len(dataset), "classes": dataset.class_names},
         )
-        ckpt.save(out, model, cfg, state, tcfg.keep_checkpoints)
+        ckpt.save(out, lambda path: save_checkpoint(model, cfg, path), state, tcfg.keep_checkpoints)
     dist.barrier()
-
-
-def _truncate_log(path: Path, iteration: int, ctx) -> None:
-    """Drop log lines past `iteration` (a resumed run writes them again)."""
-    if not ctx.is_main or not path.is_file():
-        return
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    kept = [r for r in records if r.get("iter", 0) <= iteration and "final" not in r]
-    atomic_write(path, lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in kept)))
 
 
 def _log_record(done, lr, total, losses, grad_norm, step_time, data_time, progress, ctx) -> dict:
@@ -303,33 +271,3 @@ def _log_record(done, lr, total, losses, grad_norm, step_time, data_time, progre
               "time": round(step_time, 4), "data_time": round(data_time, 4), "eta_s": round(progress.eta(), 1)}
     record.update({n: round(float(v), 6) for n, v in zip(names, values[:-1])})
     return record
-
-
-class _Progress:
-    """tqdm on rank 0 when stderr is a terminal (or when asked); nothing elsewhere."""
-
-    def __init__(self, main: bool, start: int, total: int, wanted: bool | None):
-        self.start, self.total, self.begin = start, total, time.perf_counter()
-        self.done = start
-        show = main and (sys.stderr.isatty() if wanted is None else wanted)
-        self.bar = None
-        if show:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=start, desc="train", unit="it", dynamic_ncols=True)
-
-    def update(self, loss: float, lr: float) -> None:
-        self.done += 1
-        if self.bar is not None:
-            self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", refresh=False)
-            self.bar.update(1)
-
-    def eta(self) -> float:
-        elapsed = time.perf_counter() - self.begin
-        finished = max(self.done - self.start, 1)
-        return elapsed / finished * max(self.total - self.done, 0)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
