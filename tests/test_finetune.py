@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -219,3 +220,33 @@ def test_two_processes_keep_identical_parameters_and_match_one(synth, tmp_path):
     a, b = load_file(str(one / "clip_final.safetensors")), load_file(str(two / "clip_final.safetensors"))
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
     assert worst < 1e-5, f"one and two processes differ by {worst}"
+
+
+def test_finetunes_from_an_ov_seg_csv(synth, tmp_path):
+    """Regions written as ov-seg files (background fill, `<full image stem>_<k>.png`) train like the dataset's."""
+    from PIL import Image
+
+    from runtime.datasets import open_dataset
+    from scan_model.finetune.region_data import dataset_regions, region_crop
+
+    records = dataset_regions(open_dataset(synth, split="train"), min_pixels=64)
+    crops = tmp_path / "crops"
+    crops.mkdir()
+    rows = ["filepath\ttitle"]
+    for k, record in enumerate(records):
+        name = f"{Path(record.image).stem}_{k}.png"
+        Image.fromarray(region_crop(record)).save(crops / name)
+        rows.append(f"crops/{name}\t{record.text}")
+    csv = tmp_path / "regions.csv"
+    csv.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "run"
+    result = _cli("finetune-clip", *QUICK, "--dataset", synth, "--csv", csv, "--full-images", synth / "images" / "train",
+                  "--out", out, "--max-steps", 2, "--set", "zeroshot_every=0")
+    assert result.exit_code == 0, result.output[-2000:]
+    losses = [r["loss"] for r in _log(out) if "loss" in r]
+    assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
+    assert (out / "clip_final.safetensors").is_file()
+    (crops / f"{Path(records[0].image).stem}_0.png").unlink()
+    line = _one_error_line(_cli("finetune-clip", *QUICK, "--dataset", synth, "--csv", csv, "--full-images",
+                                synth / "images" / "train", "--out", tmp_path / "other"))
+    assert "line 2" in line and "_0.png" in line
