@@ -27,7 +27,7 @@ from .. import distributed as dist
 from ..loading import load_model
 from ..official_config import load_config
 from ..training import state as ckpt
-from ..training.config import TrainConfigError
+from ..training.config import TrainConfigError, resumed_config
 from ..training.data import IterationBatches
 from ..training.loop import Progress, parameter_digest, restore_state, truncate_log
 from .config import FinetuneConfig, finetune_recipe, set_value
@@ -91,17 +91,9 @@ def prepare(request: FinetuneRequest) -> FinetunePlan:
     if request.init is not None and request.clip_weights is not None:
         raise ScanError("pass --init (a SCAN checkpoint) or --clip-weights (open_clip weights), not both")
     out = Path(request.out)
-    if out.exists() and not out.is_dir():
-        raise ScanError(f"--out {out} exists and is not a folder")
-    start = weights = None
-    folder = ckpt.latest(out) if out.is_dir() else None
-    if request.resume:
-        if folder is None:
-            raise ckpt.ResumeError(f"nothing to resume in {out}: no {ckpt.LAST}; drop --resume to start a new run")
-        weights, start = ckpt.load(folder)
-        cfg = _resumed_config(start.train_config, request.overrides)
-    elif folder is not None or (out / LOG).exists():
-        raise ScanError(f"{out} already holds a finetuning run: pass --resume to continue it, or choose another --out")
+    weights, start = ckpt.resume_point(out, request.resume, LOG, "finetuning run")
+    if start is not None:
+        cfg = resumed_config(FinetuneConfig, start.train_config, request.overrides, RESUMABLE_CHANGES)
 
     cache = user_cache_root() / "regions"
     if request.csv is not None:
@@ -146,22 +138,6 @@ def _validation_dataset(request: FinetuneRequest) -> SegmentationDataset | None:
         print(f"warning: no validation split found ({exc}); the zero-shot check is off: pass --val-dataset",
               file=sys.stderr)
         return None
-
-
-def _resumed_config(saved: dict, overrides: list[tuple[str, str]]) -> FinetuneConfig:
-    recorded = FinetuneConfig.from_dict(saved)
-    changed = []
-    for key, value in overrides:
-        probe = FinetuneConfig.from_dict(saved)
-        set_value(probe, key, value)
-        if key in RESUMABLE_CHANGES:
-            set_value(recorded, key, value)
-        elif probe.to_dict() != recorded.to_dict():
-            changed.append(key)
-    if changed:
-        raise ckpt.ResumeError(f"--resume continues the recorded run, but these settings differ: {', '.join(changed)}; "
-                               "start a new run in another --out to change them")
-    return recorded
 
 
 def build_model(request: FinetuneRequest, cfg: FinetuneConfig) -> ContextualShiftClip:

@@ -148,6 +148,35 @@ def recipe_from_official(base: TrainConfig, data: dict) -> TrainConfig:
     return config
 
 
+def resumed_config(cls, saved: dict, overrides: list[tuple[str, str]], resumable: tuple[str, ...]):
+    """The recorded config (`cls.from_dict(saved)`) of a run being resumed.
+
+    Settings given again on the command line must agree with it, except those in `resumable`
+    (they do not change what the steps compute), which apply.
+    """
+    from .state import ResumeError
+
+    recorded = cls.from_dict(saved)
+    changed = []
+    for key, value in overrides:
+        probe = cls.from_dict(saved)
+        set_value(probe, key, value)
+        before, after = dict(_flatten(recorded.to_dict())), dict(_flatten(probe.to_dict()))
+        if key in resumable:
+            set_value(recorded, key, value)
+        elif before.get(key) != after.get(key):
+            changed.append(f"{key}: {_shown(before.get(key))} -> {_shown(after.get(key))}")
+    if changed:
+        raise ResumeError(f"--resume continues the recorded run, but these settings differ: {', '.join(changed)}; "
+                          "start a new run in another --out to change them")
+    recorded.validate()
+    return recorded
+
+
+def _shown(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
 def keys(config: TrainConfig) -> list[str]:
     """Every dotted key that `set_value` accepts."""
     return [key for key, _ in _flatten(config.to_dict())]

@@ -79,6 +79,25 @@ def save(out: Path, write_model: Callable[[Path], object], state: TrainingState,
     return final
 
 
+def resume_point(out: Path, resume: bool, log: str, what: str) -> tuple[dict | None, TrainingState | None]:
+    """The model tensors and state a run in `out` continues from, or (None, None) for a new run.
+
+    Refuses an `out` that is not a folder, `--resume` with nothing to resume, and a new run over
+    an existing one (`log` is the run's log file name, `what` names the kind of run).
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ScanError(f"--out {out} exists and is not a folder")
+    folder = latest(out) if out.is_dir() else None
+    if resume:
+        if folder is None:
+            raise ResumeError(f"nothing to resume in {out}: no {LAST}; drop --resume to start a new run")
+        return load(folder)
+    if folder is not None or (out / log).exists():
+        raise ScanError(f"{out} already holds a {what}: pass --resume to continue it, or choose another --out")
+    return None, None
+
+
 def latest(out: Path) -> Path | None:
     """The folder `last_checkpoint` names, or None when the run has none yet."""
     pointer = Path(out) / LAST

@@ -28,7 +28,7 @@ from ..loading import load_model
 from ..model import ScanModel
 from ..official_config import load_config, read_yaml
 from . import state as ckpt
-from .config import TrainConfig, TrainConfigError, recipe, recipe_from_official, set_value
+from .config import TrainConfig, TrainConfigError, recipe, recipe_from_official, resumed_config, set_value
 from .criterion import CriterionConfig, SetCriterion
 from .data import AugmentedSamples, IterationBatches, batch_loader
 from .loop import Progress, parameter_digest, restore_state, truncate_log
@@ -82,56 +82,20 @@ def prepare(request: TrainRequest) -> Plan:
     dataset = open_dataset(request.dataset, request.data_root, split=request.split)
     dataset.check_labels(None if len(dataset) <= FULL_LABEL_CHECK else FULL_LABEL_CHECK)
     out = Path(request.out)
-    if out.exists() and not out.is_dir():
-        raise ScanError(f"--out {out} exists and is not a folder")
-    start = weights = None
-    folder = ckpt.latest(out) if out.is_dir() else None
-    if request.resume:
-        if folder is None:
-            raise ckpt.ResumeError(f"nothing to resume in {out}: no {ckpt.LAST}; drop --resume to start a new run")
-        weights, start = ckpt.load(folder)
-        train_cfg = _resumed_config(start.train_config, request.overrides)
+    weights, start = ckpt.resume_point(out, request.resume, LOG, "training run")
+    if start is not None:
+        train_cfg = resumed_config(TrainConfig, start.train_config, request.overrides, RESUMABLE_CHANGES)
         if start.dataset.get("items") != len(dataset) or start.dataset.get("classes") != dataset.class_names:
             raise ckpt.ResumeError(f"the run in {out} trained on {start.dataset.get('name')} "
                                    f"({start.dataset.get('items')} images); pass the same --dataset to resume")
         if start.iteration >= train_cfg.solver.max_iter:
             raise ckpt.ResumeError(f"the run in {out} already completed {start.iteration} iterations "
                                    f"(max_iter {train_cfg.solver.max_iter}); raise --max-iter to train further")
-    elif folder is not None or (out / LOG).exists():
-        raise ScanError(f"{out} already holds a training run: pass --resume to continue it, or choose another --out")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if train_cfg.solver.ims_per_batch % world:
         raise TrainConfigError(f"batch size {train_cfg.solver.ims_per_batch} does not split evenly over {world} "
                                "processes: pass --batch-size as a multiple of the process count")
     return Plan(train_cfg, dataset, start, weights)
-
-
-def _resumed_config(saved: dict, overrides: list[tuple[str, str]]) -> TrainConfig:
-    """The recorded run's config. Settings given again on the command line must agree with it,
-    except those that do not change the trajectory (`RESUMABLE_CHANGES`), which apply."""
-    recorded = TrainConfig.from_dict(saved)
-    changed = []
-    for key, value in overrides:
-        probe = TrainConfig.from_dict(saved)
-        set_value(probe, key, value)
-        before, after = dict(_items(recorded.to_dict())), dict(_items(probe.to_dict()))
-        if key in RESUMABLE_CHANGES:
-            set_value(recorded, key, value)
-        elif before.get(key) != after.get(key):
-            changed.append(f"{key}: {before.get(key)} -> {after.get(key)}")
-    if changed:
-        raise ckpt.ResumeError(f"--resume continues the recorded run, but these settings differ: {', '.join(changed)}; "
-                               "start a new run in another --out to change them")
-    recorded.validate()
-    return recorded
-
-
-def _items(data: dict, prefix: str = ""):
-    for key, value in data.items():
-        if isinstance(value, dict):
-            yield from _items(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", list(value) if isinstance(value, tuple) else value
 
 
 class TrainingForward(nn.Module):
