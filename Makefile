@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e ".[export,dev]"
+	$(PY) -m pip install -q -e ".[export,dev,serve]"
 	touch $(STAMP)
 
 demo: setup

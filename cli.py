@@ -330,6 +330,35 @@ def evaluate_command(
 
 
 @app.command()
+def serve(
+    bundle: Path = typer.Option(..., help="The bundle to serve (scan export)."),
+    backend: str = typer.Option("onnxruntime", help="onnxruntime or tensorrt."),
+    precision: str = typer.Option("fp32", help="fp32, fp16 or int8 (pieces the bundle has)."),
+    vocab: Optional[str] = typer.Option(None, help="Default vocabulary for requests that send no class names."),
+    http_port: int = typer.Option(8000, help="Triton's HTTP port."),
+    grpc_port: int = typer.Option(8001, help="Triton's gRPC port."),
+    metrics_port: int = typer.Option(8002, help="Triton's Prometheus metrics port."),
+    instances: int = typer.Option(1, help="Model instances (each its own Segmenter), run concurrently."),
+    max_batch_size: int = typer.Option(4, help="Largest dynamic batch Triton forms from concurrent requests."),
+    max_queue_delay_us: int = typer.Option(2000, help="How long Triton waits to fill a batch (microseconds)."),
+    threads: Optional[int] = typer.Option(None, help="ONNX Runtime threads per instance."),
+    exit_timeout: int = typer.Option(30, help="On SIGINT/SIGTERM, seconds in-flight requests may take to finish."),
+) -> None:
+    """Serve a bundle behind NVIDIA Triton Inference Server (HTTP, gRPC, metrics, dynamic batching)."""
+
+    def job() -> None:
+        from cli_jobs.serve import run_serve
+        from runtime.serving import ServeConfig
+
+        run_serve(ServeConfig(bundle=bundle, backend=backend, precision=precision, threads=threads, vocab=vocab,
+                              http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
+                              instances=instances, max_batch_size=max_batch_size,
+                              max_queue_delay_us=max_queue_delay_us, exit_timeout_s=exit_timeout))
+
+    _run(job)
+
+
+@app.command()
 def doctor(
     bundle: Optional[Path] = typer.Option(None, help="Also check this bundle: recorded parity, engines, and the TensorRT gate."),
     build: bool = typer.Option(False, "--build", help="With --bundle: build engines in memory, not only parse."),

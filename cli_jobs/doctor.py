@@ -30,6 +30,19 @@ def _distributions(*names: str) -> list[str]:
     return found
 
 
+def serve_report() -> str:
+    """Whether `scan serve` can start Triton here, and why not."""
+    from runtime.serving import hosting_problem, shared_libpython
+
+    installed = _distributions("nvidia-pytriton")
+    if not installed:
+        return "  serve        unavailable: PyTriton not installed (pip install 'scan-deploy[serve]')"
+    problem = hosting_problem()
+    if problem is not None:
+        return f"  serve        {installed[0]} installed, but {problem}"
+    return f"  serve        {installed[0]}: Triton's Python backend will load {shared_libpython()}"
+
+
 def environment_report() -> list[str]:
     lines = [f"python        {platform.python_version()} ({platform.machine()}, {platform.system()})"]
     for name in ("numpy", "PIL", "onnxruntime", "typer"):
@@ -55,6 +68,7 @@ def environment_report() -> list[str]:
     else:
         lines.append(f"  onnxruntime  unavailable: {reason} (pip install onnxruntime, or onnxruntime-gpu on GPU hosts)")
     lines.extend(tensorrt_report())
+    lines.append(serve_report())
 
     lines.append("devices:")
     from runtime.tensorrt import gpu_identity

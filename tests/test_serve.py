@@ -1,0 +1,154 @@
+"""`scan serve`: a real Triton Inference Server (PyTriton's) on localhost with the session bundle.
+
+Concurrent requests get the label maps of a local `Segmenter`, Triton forms dynamic batches,
+bad requests get an error the client can read while the server keeps serving, SIGTERM stops it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import PROJECT_ROOT
+
+tritonclient_http = pytest.importorskip("tritonclient.http", reason="pip install 'scan-deploy[serve]'")
+pytest.importorskip("pytriton", reason="pip install 'scan-deploy[serve]'")
+
+from runtime.segmenter import Segmenter  # noqa: E402
+from runtime.serving import MODEL_NAME, backend_environment, hosting_problem  # noqa: E402
+from runtime.synthetic import synthetic_scene  # noqa: E402
+
+VOCAB = ["sky", "wall", "grass", "water", "road", "ball", "box", "tree", "house", "flower"]
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+@pytest.fixture(scope="module")
+def server(tiny_bundle, tmp_path_factory):
+    if hosting_problem() is not None:
+        pytest.skip(hosting_problem())
+    http, grpc, metrics = _free_ports(3)
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    command = [sys.executable, "-m", "cli", "serve", "--bundle", str(tiny_bundle.path), "--vocab", ",".join(VOCAB),
+               "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
+               "--instances", "1", "--max-batch-size", "4", "--max-queue-delay-us", "200000", "--threads", "1", "--exit-timeout", "5"]
+    handle = open(log, "w")
+    process = subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=handle, stderr=subprocess.STDOUT,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    client = tritonclient_http.InferenceServerClient(f"localhost:{http}", concurrency=8, network_timeout=300)
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None:
+        try:
+            if client.is_model_ready(MODEL_NAME):
+                break
+        except Exception:  # not listening yet
+            pass
+        time.sleep(0.5)
+    else:
+        process.kill()
+        pytest.fail(f"the server did not become ready: {log.read_text()[-3000:]}")
+    yield {"process": process, "client": client, "log": log, "http": http, "metrics": metrics}
+    if process.poll() is None:
+        process.kill()
+    handle.close()
+
+
+def _inputs(image: np.ndarray, names: list[str] | None = None):
+    inputs = [tritonclient_http.InferInput("image", [1, *image.shape], "UINT8")]
+    inputs[0].set_data_from_numpy(image[None])
+    if names is not None:
+        raw = np.array([[n.encode("utf-8") for n in names]], dtype=np.object_)
+        inputs.append(tritonclient_http.InferInput("classes", list(raw.shape), "BYTES"))
+        inputs[-1].set_data_from_numpy(raw)
+    return inputs
+
+
+def _answer(result):
+    return result.as_numpy("labels")[0], [c.decode() for c in result.as_numpy("classes")[0]]
+
+
+def _request(client, image: np.ndarray, names: list[str] | None = None):
+    return _answer(client.infer(MODEL_NAME, _inputs(image, names)))
+
+
+def test_concurrent_requests_are_batched_and_equal_local_segmentation(server, tiny_bundle):
+    client = server["client"]
+    images = [synthetic_scene(96, 128, seed=s) for s in range(8)]
+    local = Segmenter(tiny_bundle.path)
+    local.set_vocabulary(VOCAB)
+    expected = [local.segment(image).label_map for image in images]
+    # The HTTP client's own concurrency (its requests are in flight together; it is not thread-safe).
+    pending = [client.async_infer(MODEL_NAME, _inputs(image)) for image in images]
+    answers = [_answer(request.get_result()) for request in pending]
+    for (labels, classes), want in zip(answers, expected):
+        assert classes == VOCAB and labels.dtype == np.int32
+        np.testing.assert_array_equal(labels, want)
+    stats = client.get_inference_statistics(MODEL_NAME)["model_stats"][0]
+    sizes = {int(entry["batch_size"]) for entry in stats["batch_stats"]}
+    assert max(sizes) > 1, f"Triton formed no batch larger than 1: {stats['batch_stats']}"
+    # A request with its own vocabulary gets labels over those names.
+    labels, classes = _request(client, images[0], ["sky", "grass"])
+    local.set_vocabulary(["sky", "grass"])
+    assert classes == ["sky", "grass"]
+    np.testing.assert_array_equal(labels, local.segment(images[0]).label_map)
+
+
+def test_bad_requests_get_readable_errors_and_the_server_keeps_serving(server):
+    client = server["client"]
+    image = synthetic_scene(64, 64, seed=1)
+    wrong_dtype = tritonclient_http.InferInput("image", [1, 64, 64, 3], "FP32")
+    wrong_dtype.set_data_from_numpy(image[None].astype(np.float32))
+    with pytest.raises(tritonclient_http.InferenceServerException) as error:
+        client.infer(MODEL_NAME, [wrong_dtype])
+    assert "'image'" in str(error.value) and "FP32" in str(error.value) and "UINT8" in str(error.value)
+    with pytest.raises(tritonclient_http.InferenceServerException) as error:
+        _bad_utf8(client, image)
+    assert "UTF-8" in str(error.value)
+    with pytest.raises(tritonclient_http.InferenceServerException):  # refused inside PyTriton's transfer
+        _request(client, np.zeros((0, 0, 3), np.uint8))
+    labels, _ = _request(client, image)
+    assert labels.shape == (64, 64)
+
+
+def _bad_utf8(client, image):
+    inputs = [tritonclient_http.InferInput("image", [1, *image.shape], "UINT8"),
+              tritonclient_http.InferInput("classes", [1, 1], "BYTES")]
+    inputs[0].set_data_from_numpy(image[None])
+    inputs[1].set_data_from_numpy(np.array([[b"\xff\xfe"]], dtype=np.object_))
+    return client.infer(MODEL_NAME, inputs)
+
+
+def test_sigterm_stops_the_server(server):
+    process = server["process"]
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 0, server["log"].read_text()[-3000:]
+    assert "serve: stopped" in server["log"].read_text()
+
+
+def test_the_backend_finds_this_interpreters_libpython():
+    from cli_jobs.doctor import serve_report
+
+    line = serve_report()
+    assert "nvidia-pytriton" in line and ("will load" in line) == (hosting_problem() is None)
+    env = backend_environment({"LD_LIBRARY_PATH": "/elsewhere"})
+    if hosting_problem() is None:
+        first = env["LD_LIBRARY_PATH"].split(os.pathsep)[0]
+        assert any(name.startswith("libpython") for name in os.listdir(first))
+        assert env["LD_LIBRARY_PATH"].endswith("/elsewhere")
+    else:
+        assert env["LD_LIBRARY_PATH"] == "/elsewhere"
