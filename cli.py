@@ -41,6 +41,7 @@ def segment(
     checkpoint: Optional[Path] = typer.Option(None, help="Our .safetensors checkpoint or an official SCAN.pth (with --config)."),
     config: Optional[str] = typer.Option(None, help="Official YAML, our JSON, or a preset (tiny, vitb, vitl); a preset alone runs random weights."),
     bundle: Optional[Path] = typer.Option(None, help="Run an exported bundle with the torch-free runtime instead of the PyTorch model."),
+    server: Optional[str] = typer.Option(None, help="Send the images to a `scan serve` server instead: host:port (HTTP) or grpc://host:port; its bundle's settings apply."),
     backend: str = typer.Option("onnxruntime", help="With --bundle: onnxruntime or tensorrt."),
     precision: str = typer.Option("fp32", help="With --bundle: fp32, fp16 (the bundle's fp16 pieces/engines) or int8 (its int8 pieces; ONNX Runtime on CPU only)."),
     threads: Optional[int] = typer.Option(None, help="With --bundle: ONNX Runtime threads (default: all cores)."),
@@ -58,8 +59,8 @@ def segment(
     """Segment images with the PyTorch model (--checkpoint/--config) or an exported bundle (--bundle)."""
 
     options = dict(
-        images=images, vocab=vocab, out=out, checkpoint=checkpoint, config=config, bundle=bundle, backend=backend,
-        precision=precision, threads=threads, save_logits=save_logits,
+        images=images, vocab=vocab, out=out, checkpoint=checkpoint, config=config, bundle=bundle, server=server,
+        backend=backend, precision=precision, threads=threads, save_logits=save_logits,
         resize=not no_resize, device=device, mask_thr=mask_thr, ensemble_weight=ensemble_weight,
         replace_ratio=replace_ratio, shift_rule=shift_rule, log_ensemble=log_ensemble,
         benchmark_settings=benchmark_settings, seed=seed,

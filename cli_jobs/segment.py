@@ -27,6 +27,7 @@ class SegmentOptions:
     checkpoint: Path | None = None
     config: str | None = None
     bundle: Path | None = None
+    server: str | None = None  # a `scan serve` server: host:port (HTTP) or grpc://host:port
     backend: str = "onnxruntime"
     precision: str = "fp32"
     threads: int | None = None
@@ -50,6 +51,8 @@ def _segmenter(opts: SegmentOptions):
 def run_segment(opts: SegmentOptions) -> list[Path]:
     names = parse_vocabulary(opts.vocab)
     check_images(opts.images, opts.out)
+    if opts.server is not None:
+        return _run_served(opts, names)
     segmenter, model_name, note = _segmenter(opts)
     check_output_dir(opts.out)
     if note:
@@ -75,4 +78,26 @@ def run_segment(opts: SegmentOptions) -> list[Path]:
         stages = ", ".join(f"{k} {v:.2f}" for k, v in result.timings.items())
         say(f"{path.name}: {result.label_map.shape[1]}x{result.label_map.shape[0]} -> {top} "
             f"({sum(result.timings.values()):.2f} s: {stages})")
+    return written
+
+
+def _run_served(opts: SegmentOptions, names: list[str]) -> list[Path]:
+    """The same outputs from a `scan serve` server (label maps; the server keeps its scores)."""
+    from runtime.client import ServedSegmenter
+    from runtime.errors import ScanError
+
+    if opts.save_logits or any(v is not None for v in (opts.checkpoint, opts.bundle, opts.mask_thr, opts.ensemble_weight,
+                                                         opts.replace_ratio, opts.shift_rule, opts.log_ensemble)):
+        raise ScanError("--server sends images to a served bundle, whose settings apply: drop --save-logits, "
+                        "--checkpoint/--bundle and the setting overrides")
+    segmenter = ServedSegmenter(opts.server)
+    check_output_dir(opts.out)
+    segmenter.set_vocabulary(names)
+    written: list[Path] = []
+    for path in tqdm(opts.images, desc="segment", unit="image", disable=len(opts.images) < 2):
+        image = load_image(path)
+        result = segmenter.segment(image)
+        written += write_outputs(opts.out, path.stem, image, result.label_map, result.classes, None)
+        say(f"{path.name}: {', '.join(result.classes[i] for i in result.present[:5])} "
+            f"({result.timings['server']:.2f} s at {opts.server})")
     return written

@@ -62,7 +62,7 @@ def server(tiny_bundle, tmp_path_factory):
     else:
         process.kill()
         pytest.fail(f"the server did not become ready: {log.read_text()[-3000:]}")
-    yield {"process": process, "client": client, "log": log, "http": http, "metrics": metrics}
+    yield {"process": process, "client": client, "log": log, "http": http, "grpc": grpc, "metrics": metrics}
     if process.poll() is None:
         process.kill()
     handle.close()
@@ -131,6 +131,28 @@ def _bad_utf8(client, image):
     inputs[0].set_data_from_numpy(image[None])
     inputs[1].set_data_from_numpy(np.array([[b"\xff\xfe"]], dtype=np.object_))
     return client.infer(MODEL_NAME, inputs)
+
+
+def test_scan_segment_through_the_server_writes_the_local_outputs(server, tiny_bundle, tmp_path):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    image = tmp_path / "scene.png"
+    Image.fromarray(synthetic_scene(96, 128, seed=4)).save(image)
+    runner, vocab = CliRunner(), ",".join(VOCAB)
+    outputs = {}
+    for name, source in (("local", ["--bundle", str(tiny_bundle.path)]),
+                         ("http", ["--server", f"localhost:{server['http']}"]),
+                         ("grpc", ["--server", f"grpc://localhost:{server['grpc']}"])):
+        result = runner.invoke(app, ["segment", str(image), "--vocab", vocab, "--out", str(tmp_path / name), *source])
+        assert result.exit_code == 0, result.output
+        outputs[name] = [(tmp_path / name / f"scene{suffix}").read_bytes() for suffix in (".png", "_overlay.png")]
+    assert outputs["http"] == outputs["local"] == outputs["grpc"]
+    result = runner.invoke(app, ["segment", str(image), "--vocab", vocab, "--out", str(tmp_path / "x"),
+                                 "--server", "localhost:1"])
+    assert result.exit_code == 2 and "no Triton server answers at localhost:1" in result.stderr
 
 
 def test_sigterm_stops_the_server(server):
