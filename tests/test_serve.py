@@ -46,7 +46,7 @@ def server(tiny_bundle, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "server.log"
     command = [sys.executable, "-m", "cli", "serve", "--bundle", str(tiny_bundle.path), "--vocab", ",".join(VOCAB),
                "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
-               "--instances", "1", "--max-batch-size", "4", "--max-queue-delay-us", "200000", "--threads", "1", "--exit-timeout", "5"]
+               "--instances", "1", "--max-batch-size", "4", "--max-queue-delay-us", "200000", "--threads", "2", "--exit-timeout", "5"]
     handle = open(log, "w")
     process = subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=handle, stderr=subprocess.STDOUT,
                                env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -88,7 +88,7 @@ def _request(client, image: np.ndarray, names: list[str] | None = None):
 
 def test_concurrent_requests_are_batched_and_equal_local_segmentation(server, tiny_bundle):
     client = server["client"]
-    images = [synthetic_scene(96, 128, seed=s) for s in range(8)]
+    images = [synthetic_scene(96, 128, seed=s) for s in range(4)]
     local = Segmenter(tiny_bundle.path)
     local.set_vocabulary(VOCAB)
     expected = [local.segment(image).label_map for image in images]
