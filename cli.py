@@ -344,6 +344,9 @@ def serve(
     max_queue_delay_us: int = typer.Option(2000, help="How long Triton waits to fill a batch (microseconds)."),
     threads: Optional[int] = typer.Option(None, help="ONNX Runtime threads per instance."),
     exit_timeout: int = typer.Option(30, help="On SIGINT/SIGTERM, seconds in-flight requests may take to finish."),
+    no_resize: bool = typer.Option(False, "--no-resize", help="Feed images at their own size instead of the bundle's test resize."),
+    max_classes: int = typer.Option(1024, help="Refuse requests with more class names than this."),
+    max_image_pixels: int = typer.Option(40_000_000, help="Refuse images with more pixels than this."),
 ) -> None:
     """Serve a bundle behind NVIDIA Triton Inference Server (HTTP, gRPC, metrics, dynamic batching)."""
 
@@ -352,9 +355,11 @@ def serve(
         from runtime.serving import ServeConfig
 
         run_serve(ServeConfig(bundle=bundle, backend=backend, precision=precision, threads=threads, vocab=vocab,
+                              resize=not no_resize,
                               http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
                               instances=instances, max_batch_size=max_batch_size,
-                              max_queue_delay_us=max_queue_delay_us, exit_timeout_s=exit_timeout))
+                              max_queue_delay_us=max_queue_delay_us, exit_timeout_s=exit_timeout,
+                              max_classes=max_classes, max_image_pixels=max_image_pixels))
 
     _run(job)
 

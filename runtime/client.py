@@ -66,6 +66,9 @@ class ServedSegmenter:
             lines = [line for line in str(exc).splitlines() if line.strip()]
             mine = [line for line in lines if "ScanError:" in line]
             raise ScanError(f"the server refused the request: {(mine or lines or ['no message'])[-1].strip()}") from None
+        error = answer.as_numpy("error")[0][0]
+        if error:
+            raise ScanError(f"the server refused the request: {error.decode('utf-8', 'replace')}")
         labels = answer.as_numpy("labels")[0].astype(np.int64)
         return SegmentationResult(labels, list(self.classes), None, {"server": time.perf_counter() - start},
                                   tuple(labels.shape))

@@ -3,7 +3,8 @@
 Triton owns the endpoints (HTTP, gRPC, metrics), the request queue and the dynamic batcher;
 PyTriton runs our Python function as the model, one `Segmenter` per model instance. A request
 carries one RGB image (uint8, H x W x 3) and, optionally, its own class names; the answer is the
-label map (int32, H x W) and the class names it indexes. Requests with the same image size and
+label map (int32, H x W), the class names it indexes and `error`: empty, or why this request was
+refused (Triton fails a whole batch when the model raises, so a bad request must not raise). Requests with the same image size and
 vocabulary size are batched together by Triton; each image is then segmented with its own
 vocabulary, whose text embeddings come from the runtime's cache after the first request.
 
@@ -39,6 +40,7 @@ class ServeConfig:
     backend: str = "onnxruntime"
     precision: str = "fp32"
     threads: int | None = None  # ONNX Runtime threads per instance
+    resize: bool = True  # the bundle's test resize; False feeds images at their own size
     vocab: str | None = None  # default vocabulary (requests may send their own)
     http_port: int = 8000
     grpc_port: int = 8001
@@ -47,11 +49,16 @@ class ServeConfig:
     max_batch_size: int = 4
     max_queue_delay_us: int = 2000  # how long Triton waits to fill a batch
     exit_timeout_s: int = 30  # on SIGINT/SIGTERM, how long in-flight requests may take to finish
+    # Requests beyond these are refused with a message instead of tying an instance up for minutes.
+    max_classes: int = 1024
+    max_image_pixels: int = 40_000_000
 
     def validate(self) -> None:
         problems = []
         if self.instances < 1:
             problems.append(f"--instances must be at least 1, got {self.instances}")
+        if self.max_classes < 1 or self.max_image_pixels < 1:
+            problems.append("--max-classes and --max-image-pixels must be at least 1")
         if self.max_batch_size < 1:
             problems.append(f"--max-batch-size must be at least 1, got {self.max_batch_size}")
         ports = (self.http_port, self.grpc_port, self.metrics_port)
@@ -101,8 +108,9 @@ class _Instance:
         from .segmenter import Segmenter
 
         self.segmenter = Segmenter(config.bundle, backend=config.backend, precision=config.precision,
-                                   threads=config.threads)
+                                   threads=config.threads, resize=config.resize)
         self.default = self.segmenter.set_vocabulary(config.vocab) if config.vocab else None
+        self.max_classes, self.max_image_pixels = config.max_classes, config.max_image_pixels
 
     def __call__(self, requests):
         from pytriton.decorators import batch
@@ -110,16 +118,40 @@ class _Instance:
         return batch(self._batch)(requests)
 
     def _batch(self, image: np.ndarray, classes: np.ndarray | None = None) -> dict[str, np.ndarray]:
-        labels, names_out = [], []
+        # Triton batches requests of one shape; an error raised here would fail every request of
+        # the batch, so each request's own problem goes into its `error` output instead.
+        labels, names_out, errors = [], [], []
         for index in range(image.shape[0]):
-            names = self.default if classes is None else _decode_names(classes[index])
-            if names is None:
-                raise ScanError("no class names in the request and no default vocabulary: send 'classes', "
-                                "or start scan serve with --vocab")
-            self.segmenter.set_vocabulary(names)
-            labels.append(self.segmenter.segment(image[index]).label_map.astype(np.int32))
-            names_out.append(np.array([n.encode("utf-8") for n in names], dtype=np.object_))
-        return {"labels": np.stack(labels), "classes": np.stack(names_out)}
+            count = len(self.default or []) if classes is None else classes.shape[1]
+            try:
+                names = self._names(None if classes is None else classes[index])
+                self._check_image(image[index])
+                self.segmenter.set_vocabulary(names)
+                labels.append(self.segmenter.segment(image[index]).label_map.astype(np.int32))
+                names_out.append([n.encode("utf-8") for n in names])
+                errors.append(b"")
+            except ScanError as exc:
+                labels.append(np.zeros(image.shape[1:3], np.int32))
+                names_out.append([b""] * count)
+                errors.append(str(exc).encode("utf-8"))
+        return {"labels": np.stack(labels), "classes": np.array(names_out, dtype=np.object_).reshape(len(labels), -1),
+                "error": np.array(errors, dtype=np.object_).reshape(-1, 1)}
+
+    def _names(self, raw: np.ndarray | None) -> list[str]:
+        names = self.default if raw is None else _decode_names(raw)
+        if names is None:
+            raise ScanError("no class names in the request and no default vocabulary: send 'classes', "
+                            "or start scan serve with --vocab")
+        if len(names) > self.max_classes:
+            raise ScanError(f"{len(names)} class names, more than this server's {self.max_classes}: send fewer, "
+                            "or start scan serve with a larger --max-classes")
+        return names
+
+    def _check_image(self, pixels: np.ndarray) -> None:
+        height, width = pixels.shape[:2]
+        if height * width > self.max_image_pixels or min(height, width) < 1:
+            raise ScanError(f"image of {width}x{height} pixels: this server takes 1 to {self.max_image_pixels} "
+                            "pixels (--max-image-pixels); resize it before sending")
 
 
 def _decode_names(raw: np.ndarray) -> list[str]:
@@ -165,7 +197,8 @@ def serve(config: ServeConfig, on_ready=None) -> None:
             inputs=[Tensor(name="image", dtype=np.uint8, shape=(-1, -1, 3)),
                     Tensor(name="classes", dtype=bytes, shape=(-1,), optional=True)],
             outputs=[Tensor(name="labels", dtype=np.int32, shape=(-1, -1)),
-                     Tensor(name="classes", dtype=bytes, shape=(-1,))],
+                     Tensor(name="classes", dtype=bytes, shape=(-1,)),
+                     Tensor(name="error", dtype=bytes, shape=(1,))],
             config=ModelConfig(max_batch_size=config.max_batch_size,
                                batcher=DynamicBatcher(max_queue_delay_microseconds=config.max_queue_delay_us)),
             strict=True,

@@ -46,7 +46,8 @@ def server(tiny_bundle, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "server.log"
     command = [sys.executable, "-m", "cli", "serve", "--bundle", str(tiny_bundle.path), "--vocab", ",".join(VOCAB),
                "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
-               "--instances", "1", "--max-batch-size", "4", "--max-queue-delay-us", "200000", "--threads", "2", "--exit-timeout", "5"]
+               "--instances", "1", "--max-batch-size", "4", "--max-queue-delay-us", "200000", "--threads", "2", "--exit-timeout", "5",
+               "--no-resize"]  # images at their own size keep the test short (the resize has its own tests)
     handle = open(log, "w")
     process = subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=handle, stderr=subprocess.STDOUT,
                                env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -89,7 +90,7 @@ def _request(client, image: np.ndarray, names: list[str] | None = None):
 def test_concurrent_requests_are_batched_and_equal_local_segmentation(server, tiny_bundle):
     client = server["client"]
     images = [synthetic_scene(96, 128, seed=s) for s in range(4)]
-    local = Segmenter(tiny_bundle.path)
+    local = Segmenter(tiny_bundle.path, resize=False)
     local.set_vocabulary(VOCAB)
     expected = [local.segment(image).label_map for image in images]
     # The HTTP client's own concurrency (its requests are in flight together; it is not thread-safe).
@@ -111,26 +112,51 @@ def test_concurrent_requests_are_batched_and_equal_local_segmentation(server, ti
 def test_bad_requests_get_readable_errors_and_the_server_keeps_serving(server):
     client = server["client"]
     image = synthetic_scene(64, 64, seed=1)
+    # Refused by Triton against the model's config, naming the input.
     wrong_dtype = tritonclient_http.InferInput("image", [1, 64, 64, 3], "FP32")
     wrong_dtype.set_data_from_numpy(image[None].astype(np.float32))
     with pytest.raises(tritonclient_http.InferenceServerException) as error:
         client.infer(MODEL_NAME, [wrong_dtype])
     assert "'image'" in str(error.value) and "FP32" in str(error.value) and "UINT8" in str(error.value)
-    with pytest.raises(tritonclient_http.InferenceServerException) as error:
-        _bad_utf8(client, image)
-    assert "UTF-8" in str(error.value)
-    with pytest.raises(tritonclient_http.InferenceServerException):  # refused inside PyTriton's transfer
+    wrong_rank = tritonclient_http.InferInput("image", [1, 64, 64], "UINT8")
+    wrong_rank.set_data_from_numpy(image[None, ..., 0])
+    with pytest.raises(tritonclient_http.InferenceServerException, match="unexpected shape for input 'image'"):
+        client.infer(MODEL_NAME, [wrong_rank])
+    with pytest.raises(tritonclient_http.InferenceServerException):  # zero-size: refused in PyTriton's transfer
         _request(client, np.zeros((0, 0, 3), np.uint8))
+    # Refused by the model, in the request's own `error` output: a bad request batched with good
+    # ones must not fail them, so these come back as answers, not as failed requests.
+    bad_utf8 = _inputs(image, ["sky"])
+    bad_utf8[1].set_data_from_numpy(np.array([[b"\xff\xfe"]], dtype=np.object_))
+    good = _inputs(image, ["sky"])
+    pending = [client.async_infer(MODEL_NAME, bad_utf8), client.async_infer(MODEL_NAME, good)]
+    refused, answered = [request.get_result() for request in pending]
+    assert b"not valid UTF-8" in refused.as_numpy("error")[0][0]
+    assert answered.as_numpy("error")[0][0] == b"" and answered.as_numpy("labels").shape == (1, 64, 64)
+    many = client.infer(MODEL_NAME, _inputs(image, [f"class {i}" for i in range(5000)]))
+    assert b"5000 class names, more than this server's 1024" in many.as_numpy("error")[0][0]
+    empty = _inputs(image, ["x"])
+    empty[1] = tritonclient_http.InferInput("classes", [1, 0], "BYTES")
+    empty[1].set_data_from_numpy(np.zeros((1, 0), dtype=np.object_))
+    with pytest.raises(tritonclient_http.InferenceServerException):  # zero-size: refused in PyTriton's transfer
+        client.infer(MODEL_NAME, empty)
+    labels, _ = _request(client, np.full((1, 1, 3), 200, np.uint8))
+    assert labels.shape == (1, 1)
     labels, _ = _request(client, image)
     assert labels.shape == (64, 64)
 
 
-def _bad_utf8(client, image):
-    inputs = [tritonclient_http.InferInput("image", [1, *image.shape], "UINT8"),
-              tritonclient_http.InferInput("classes", [1, 1], "BYTES")]
+def test_a_request_cancelled_mid_flight_leaves_the_server_serving(server):
+    import tritonclient.grpc as grpc_client
+
+    client = grpc_client.InferenceServerClient(f"localhost:{server['grpc']}")
+    image = synthetic_scene(480, 640, seed=2)
+    inputs = [grpc_client.InferInput("image", [1, *image.shape], "UINT8")]
     inputs[0].set_data_from_numpy(image[None])
-    inputs[1].set_data_from_numpy(np.array([[b"\xff\xfe"]], dtype=np.object_))
-    return client.infer(MODEL_NAME, inputs)
+    with pytest.raises(grpc_client.InferenceServerException, match="(?i)deadline"):
+        client.infer(MODEL_NAME, inputs, client_timeout=0.05)
+    answer = client.infer(MODEL_NAME, inputs)
+    assert answer.as_numpy("labels").shape == (1, 480, 640) and answer.as_numpy("error")[0][0] == b""
 
 
 def test_scan_segment_through_the_server_writes_the_local_outputs(server, tiny_bundle, tmp_path):
@@ -143,7 +169,7 @@ def test_scan_segment_through_the_server_writes_the_local_outputs(server, tiny_b
     Image.fromarray(synthetic_scene(96, 128, seed=4)).save(image)
     runner, vocab = CliRunner(), ",".join(VOCAB)
     outputs = {}
-    for name, source in (("local", ["--bundle", str(tiny_bundle.path)]),
+    for name, source in (("local", ["--bundle", str(tiny_bundle.path), "--no-resize"]),
                          ("http", ["--server", f"localhost:{server['http']}"]),
                          ("grpc", ["--server", f"grpc://localhost:{server['grpc']}"])):
         result = runner.invoke(app, ["segment", str(image), "--vocab", vocab, "--out", str(tmp_path / name), *source])
