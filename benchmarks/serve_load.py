@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -148,8 +150,8 @@ def main(argv: list[str] | None = None) -> dict:
                "--instances", str(args.instances), "--max-batch-size", str(args.max_batch_size), "--exit-timeout", "10"]
     if args.threads:
         command += ["--threads", str(args.threads)]
-    log = args.out.with_suffix(".server.log")
-    log.parent.mkdir(parents=True, exist_ok=True)
+    log = Path(tempfile.gettempdir()) / f"scan_serve_load_{os.getpid()}.log"  # read it when the server fails
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as handle:
         server = subprocess.Popen(command, cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT)
         try:
