@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.segmenter import Segmenter
-from runtime.serving import MODEL_NAME
+from runtime.serving import MODEL_NAME, free_ports
 from runtime.synthetic import synthetic_scene
 from runtime.vocab import parse_vocabulary
 
@@ -35,16 +34,6 @@ from .machine import machine, versions
 from .stats import summarise
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def tree_rss(pid: int) -> int:
@@ -144,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
         local_times.append(time.perf_counter() - start)
     del local
 
-    http, grpc, metrics = _free_ports(3)
+    http, grpc, metrics = free_ports(3)
     command = [sys.executable, "-m", "cli", "serve", "--bundle", str(args.bundle), "--vocab", ",".join(names),
                "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
                "--instances", str(args.instances), "--max-batch-size", str(args.max_batch_size), "--exit-timeout", "10"]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +67,18 @@ class ServeConfig:
             problems.append(f"the HTTP, gRPC and metrics ports must be three different ports in 1..65535, got {ports}")
         if problems:
             raise ServeError("; ".join(problems))
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` TCP ports of localhost that nothing listens on now (for servers started by tests and benchmarks)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for handle in sockets:
+            handle.bind(("127.0.0.1", 0))
+        return [handle.getsockname()[1] for handle in sockets]
+    finally:
+        for handle in sockets:
+            handle.close()
 
 
 # -- can this interpreter host Triton's Python backend? ----------------------------------------------

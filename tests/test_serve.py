@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,27 +21,17 @@ tritonclient_http = pytest.importorskip("tritonclient.http", reason="pip install
 pytest.importorskip("pytriton", reason="pip install 'scan-deploy[serve]'")
 
 from runtime.segmenter import Segmenter  # noqa: E402
-from runtime.serving import MODEL_NAME, backend_environment, hosting_problem  # noqa: E402
+from runtime.serving import MODEL_NAME, backend_environment, free_ports, hosting_problem  # noqa: E402
 from runtime.synthetic import synthetic_scene  # noqa: E402
 
 VOCAB = ["sky", "wall", "grass", "water", "road", "ball", "box", "tree", "house", "flower"]
-
-
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 @pytest.fixture(scope="module")
 def server(tiny_bundle, tmp_path_factory):
     if hosting_problem() is not None:
         pytest.skip(hosting_problem())
-    http, grpc, metrics = _free_ports(3)
+    http, grpc, metrics = free_ports(3)
     log = tmp_path_factory.mktemp("serve") / "server.log"
     command = [sys.executable, "-m", "cli", "serve", "--bundle", str(tiny_bundle.path), "--vocab", ",".join(VOCAB),
                "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),

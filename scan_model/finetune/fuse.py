@@ -18,11 +18,11 @@ import torch
 from torch import Tensor
 
 from ..checkpoint import _READ_ERRORS, CheckpointError, _first_line, read_safetensors, save_checkpoint
+from .model import TEXT_PARTS
 
 # The finetuned model's prefix in finetuning checkpoints (official CS_CLIP.pt and ours, SPEC §4.3);
 # their other prefix, `original_clip_visual.`, is the frozen tower and is dropped.
 FINETUNED_PREFIX = "clip_model."
-_TEXT_PREFIXES = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection")
 _SHOWN = 4  # keys named in an error or a report line
 
 
@@ -33,7 +33,7 @@ class FuseError(CheckpointError):
 def _tower(key: str) -> str:
     if key.startswith("visual."):
         return "visual"
-    return "text" if key.startswith(_TEXT_PREFIXES) else "other"
+    return "text" if key.split(".")[0] in TEXT_PARTS else "other"
 
 
 @dataclass

@@ -47,12 +47,8 @@ class ContextualShiftClip(nn.Module):
         return cls(copy.deepcopy(model.clip), copy.deepcopy(model.original_clip), model.cfg.clip, shift, activation)
 
     def lock_text(self) -> None:
-        for name in TEXT_PARTS:
-            part = getattr(self.clip_model, name)
-            if isinstance(part, nn.Parameter):
-                part.requires_grad_(False)
-            elif part is not None:
-                part.requires_grad_(False)
+        for name in TEXT_PARTS:  # modules and bare parameters alike
+            getattr(self.clip_model, name).requires_grad_(False)
 
     def train(self, mode: bool = True) -> "ContextualShiftClip":
         super().train(mode)

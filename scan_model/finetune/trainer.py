@@ -29,14 +29,14 @@ from ..official_config import load_config
 from ..training import state as ckpt
 from ..training.config import TrainConfigError, resumed_config
 from ..training.data import IterationBatches
-from ..training.loop import Progress, parameter_digest, restore_state, truncate_log
+from ..training.loop import Progress, parameter_digest, restore_state, save_training_state, truncate_log
 from .config import FinetuneConfig, finetune_recipe, set_value
 from .data import RegionPairs, collate
 from .model import ContextualShiftClip
 from .objective import clamp_logit_scale, distributed_contrastive_loss
 from .region_data import RegionRecord, dataset_regions, read_ovseg_csv
 from .solver import build_optimizer, build_scheduler
-from .zeroshot import zeroshot_accuracy
+from .zeroshot import class_features, zeroshot_accuracy
 
 LOG = "log.jsonl"
 FINAL = "clip_final.safetensors"
@@ -269,12 +269,18 @@ class _ZeroShot:
 
     def __init__(self, plan: FinetunePlan, ctx: dist.DistContext, log: _Log):
         self.plan, self.ctx, self.log, self.history = plan, ctx, log, []
+        self.classifier = None  # the class names' text features: constant while the text tower is locked
 
     def run(self, model: ContextualShiftClip, step: int, epoch: int) -> None:
         if self.plan.val is None or not self.plan.val_records:
             return
-        result = zeroshot_accuracy(model, self.plan.val_records, self.plan.val.class_names, self.ctx.device,
-                                   self.ctx.rank, self.ctx.world_size)
+        classifier = self.classifier
+        if classifier is None:
+            classifier = class_features(model, self.plan.val.class_names, self.ctx.device)
+            if self.plan.cfg.lock_text:
+                self.classifier = classifier
+        result = zeroshot_accuracy(model, self.plan.val_records, self.plan.val.class_names, classifier,
+                                   self.ctx.device, self.ctx.rank, self.ctx.world_size)
         entry = {"step": step, "epoch": epoch, "dataset": self.plan.val.name, **result}
         self.history.append({k: v for k, v in entry.items() if k != "per_class"})
         self.log.write({"step": step, "zeroshot": entry})
@@ -285,13 +291,5 @@ class _ZeroShot:
 
 
 def _save(out, model, cfg, plan, optimizer, scheduler, step, ctx) -> None:
-    rng = dist.all_gather_objects(torch.get_rng_state())
-    cuda = dist.all_gather_objects(torch.cuda.get_rng_state(ctx.device) if ctx.device.type == "cuda" else None)
-    if ctx.is_main:
-        state = ckpt.TrainingState(
-            iteration=step, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), rng=rng,
-            cuda_rng=cuda, train_config=cfg.to_dict(),
-            dataset={"source": plan.source, "regions": len(plan.records)},
-        )
-        ckpt.save(out, lambda path: save_clip(model, path, {"step": step}), state, cfg.keep_checkpoints)
-    dist.barrier()
+    save_training_state(out, lambda path: save_clip(model, path, {"step": step}), ctx, step, optimizer, scheduler,
+                        cfg.to_dict(), {"source": plan.source, "regions": len(plan.records)}, cfg.keep_checkpoints)

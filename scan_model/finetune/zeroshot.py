@@ -19,12 +19,20 @@ from .region_data import RegionRecord, region_sample
 
 
 @torch.no_grad()
+def class_features(model: ContextualShiftClip, class_names: list[str], device: torch.device) -> torch.Tensor:
+    """(K, E) unit-norm text features of the class names, as SCAN encodes them at test time."""
+    return encode_class_names(model.clip_model, class_names).to(device)
+
+
+@torch.no_grad()
 def zeroshot_accuracy(model: ContextualShiftClip, records: list[RegionRecord], class_names: list[str],
-                      device: torch.device, rank: int = 0, world: int = 1, batch_size: int = 32) -> dict:
-    """Top-1 accuracy and mean per-class accuracy over `records` (split across ranks, summed)."""
+                      classifier: torch.Tensor, device: torch.device, rank: int = 0, world: int = 1, batch_size: int = 32) -> dict:
+    """Top-1 accuracy and mean per-class accuracy over `records` (split across ranks, summed).
+
+    `classifier`: `class_features(model, class_names, device)`, row k = class id k.
+    """
     was_training = model.training
     model.eval()
-    classifier = encode_class_names(model.clip_model, class_names).to(device)
     num_classes = len(class_names)
     correct = torch.zeros(num_classes, dtype=torch.float64, device=device)
     total = torch.zeros(num_classes, dtype=torch.float64, device=device)

@@ -43,6 +43,20 @@ def restore_state(start: ckpt.TrainingState, optimizer, scheduler, ctx: dist.Dis
     return start.iteration
 
 
+def save_training_state(out: Path, write_model, ctx, iteration: int, optimizer, scheduler, config: dict,
+                        dataset: dict, keep: int) -> None:
+    """Gather every rank's RNG state, write checkpoint `iter_N` on rank 0 (`write_model(path)` writes
+    the model file), and wait until it is there."""
+    rng = dist.all_gather_objects(torch.get_rng_state())
+    cuda = dist.all_gather_objects(torch.cuda.get_rng_state(ctx.device) if ctx.device.type == "cuda" else None)
+    if ctx.is_main:
+        state = ckpt.TrainingState(iteration=iteration, optimizer=optimizer.state_dict(),
+                                   scheduler=scheduler.state_dict(), rng=rng, cuda_rng=cuda, train_config=config,
+                                   dataset=dataset)
+        ckpt.save(out, write_model, state, keep)
+    dist.barrier()
+
+
 def truncate_log(path: Path, iteration: int, ctx, key: str = "iter") -> None:
     """Drop log lines past `iteration` (a resumed run writes them again); `key` names the counter."""
     if not ctx.is_main or not path.is_file():

@@ -31,7 +31,7 @@ from . import state as ckpt
 from .config import TrainConfig, TrainConfigError, recipe, recipe_from_official, resumed_config, set_value
 from .criterion import CriterionConfig, SetCriterion
 from .data import AugmentedSamples, IterationBatches, batch_loader
-from .loop import Progress, parameter_digest, restore_state, truncate_log
+from .loop import Progress, parameter_digest, restore_state, save_training_state, truncate_log
 from .solver import build_optimizer, build_scheduler, clip_gradients
 
 LOG = "log.jsonl"
@@ -215,16 +215,9 @@ def train(request: TrainRequest, plan: Plan | None = None) -> Path:
 
 
 def _save(out, model, cfg, tcfg, dataset, optimizer, scheduler, iteration, ctx) -> None:
-    rng = dist.all_gather_objects(torch.get_rng_state())
-    cuda = dist.all_gather_objects(torch.cuda.get_rng_state(ctx.device) if ctx.device.type == "cuda" else None)
-    if ctx.is_main:
-        state = ckpt.TrainingState(
-            iteration=iteration, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), rng=rng,
-            cuda_rng=cuda, train_config=tcfg.to_dict(),
-            dataset={"name": dataset.name, "items": len(dataset), "classes": dataset.class_names},
-        )
-        ckpt.save(out, lambda path: save_checkpoint(model, cfg, path), state, tcfg.keep_checkpoints)
-    dist.barrier()
+    save_training_state(out, lambda path: save_checkpoint(model, cfg, path), ctx, iteration, optimizer, scheduler,
+                        tcfg.to_dict(), {"name": dataset.name, "items": len(dataset), "classes": dataset.class_names},
+                        tcfg.keep_checkpoints)
 
 
 def _log_record(done, lr, total, losses, grad_norm, step_time, data_time, progress, ctx) -> dict:
