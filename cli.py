@@ -110,17 +110,31 @@ def export_bundle(
     trt_classes: str = typer.Option("1,150,1024", help="Engine profile min,opt,max vocabulary size K."),
     trt_masks: str = typer.Option("1,32,100", help="Engine profile min,opt,max regions per CLIP-adapter call."),
     seed: int = typer.Option(0, help="Seed for random weights."),
+    triton: Optional[Path] = typer.Option(None, help="Also write a Triton model repository here (`scan triton-repo` has every option)."),
+    triton_backend: str = typer.Option("onnxruntime", help="With --triton: onnxruntime, tensorrt (the bundle's engines) or python."),
+    triton_gpus: Optional[str] = typer.Option(None, help="With --triton: GPU instances on these devices (e.g. 0,1); default CPU."),
 ) -> None:
     """Export the model as a bundle of ONNX pieces with parity gates, tokenizer data and text caches."""
 
     def job() -> None:
         from cli_jobs.export import ExportOptions, run_export
 
+        repository = None
+        if triton is not None:  # checked before minutes of export
+            from cli_jobs.triton_repo import parse_gpus
+            from export.triton_repo import RepositoryOptions
+
+            repository = RepositoryOptions(piece_backend=triton_backend, gpus=parse_gpus(triton_gpus), vocab=vocab)
+            repository.validate()
         run_export(ExportOptions(
             out=out, checkpoint=checkpoint, config=config, preset=preset, vocab=vocab, standard_vocabs=standard_vocabs,
             seed=seed, precision=precision, tensorrt=tensorrt, trt_backend=trt_backend,
             trt_ranges=dict(height=trt_height, width=trt_width, classes=trt_classes, masks=trt_masks),
         ))
+        if repository is not None:
+            from cli_jobs.triton_repo import run_triton_repo
+
+            run_triton_repo(out, triton, repository)
 
     _run(job)
 
@@ -330,9 +344,42 @@ def evaluate_command(
     _run(job)
 
 
+@app.command("triton-repo")
+def triton_repo(
+    bundle: Path = typer.Option(..., help="The bundle (scan export)."),
+    out: Path = typer.Option(..., help="Repository folder to write (new, empty, or one this command wrote)."),
+    backend: str = typer.Option("onnxruntime", help="Piece models on Triton's onnxruntime or tensorrt backend (the bundle's engines), or python (ONNX Runtime in the Python backend)."),
+    precision: str = typer.Option("fp32", help="fp32, fp16 or int8 pieces (the bundle's)."),
+    gpus: Optional[str] = typer.Option(None, help="KIND_GPU piece instances on these devices (e.g. 0,1); default KIND_CPU."),
+    instances: int = typer.Option(1, help="Instances per GPU (or on the CPU) of each piece, and of the orchestrator."),
+    max_batch_size: int = typer.Option(4, help="Largest dynamic batch of requests the orchestrator takes."),
+    max_queue_delay_us: int = typer.Option(2000, help="How long Triton waits to fill a batch (microseconds)."),
+    vocab: Optional[str] = typer.Option(None, help="Default vocabulary for requests that send no class names."),
+    threads: int = typer.Option(0, help="ONNX Runtime threads per piece instance (0: its default)."),
+    engines: Optional[str] = typer.Option(None, help="With --backend tensorrt: the bundle's engine folder to serve."),
+    no_resize: bool = typer.Option(False, "--no-resize", help="Feed images at their own size instead of the bundle's test resize."),
+    max_classes: int = typer.Option(1024, help="Refuse requests with more class names than this."),
+    max_image_pixels: int = typer.Option(40_000_000, help="Refuse images with more pixels than this."),
+) -> None:
+    """Write a Triton model repository for a bundle: piece models joined by a Python (BLS) orchestrator."""
+
+    def job() -> None:
+        from cli_jobs.triton_repo import parse_gpus, run_triton_repo
+        from export.triton_repo import RepositoryOptions
+        from runtime.serve_requests import RequestLimits
+
+        run_triton_repo(bundle, out, RepositoryOptions(
+            piece_backend=backend, precision=precision, gpus=parse_gpus(gpus), instances=instances,
+            max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us, vocab=vocab, resize=not no_resize,
+            limits=RequestLimits(max_classes, max_image_pixels), threads=threads, engines=engines))
+
+    _run(job)
+
+
 @app.command()
 def serve(
-    bundle: Path = typer.Option(..., help="The bundle to serve (scan export)."),
+    bundle: Optional[Path] = typer.Option(None, help="The bundle to serve (scan export)."),
+    repository: Optional[Path] = typer.Option(None, help="Instead: serve a model repository (scan triton-repo --backend python) on PyTriton's server binary."),
     backend: str = typer.Option("onnxruntime", help="onnxruntime or tensorrt."),
     precision: str = typer.Option("fp32", help="fp32, fp16 or int8 (pieces the bundle has)."),
     vocab: Optional[str] = typer.Option(None, help="Default vocabulary for requests that send no class names."),
@@ -351,6 +398,14 @@ def serve(
     """Serve a bundle behind NVIDIA Triton Inference Server (HTTP, gRPC, metrics, dynamic batching)."""
 
     def job() -> None:
+        from runtime.errors import ScanError
+
+        if (bundle is None) == (repository is None):
+            raise ScanError("pass either --bundle (serve a bundle) or --repository (a model repository)")
+        if repository is not None:
+            from cli_jobs.triton_repo import run_serve_repository
+
+            return run_serve_repository(repository, http_port, grpc_port, metrics_port, exit_timeout)
         from cli_jobs.serve import run_serve
         from runtime.serving import ServeConfig
 

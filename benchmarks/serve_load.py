@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -117,6 +116,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (server and local)")
     parser.add_argument("--instances", type=int, default=1)
     parser.add_argument("--max-batch-size", type=int, default=4)
+    parser.add_argument("--repository", action="store_true",
+                        help="serve a model repository of the bundle (scan triton-repo --backend python: BLS "
+                             "orchestrator and piece models) instead of the bundle itself")
     parser.add_argument("--out", type=Path, required=True, help="results path without suffix (.json and .md)")
     args = parser.parse_args(argv)
     height, width = (int(v) for v in args.size.lower().split("x"))
@@ -134,14 +136,23 @@ def main(argv: list[str] | None = None) -> dict:
     del local
 
     http, grpc, metrics = free_ports(3)
-    command = [sys.executable, "-m", "cli", "serve", "--bundle", str(args.bundle), "--vocab", ",".join(names),
-               "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
-               "--instances", str(args.instances), "--max-batch-size", str(args.max_batch_size), "--exit-timeout", "10"]
-    if args.threads:
-        command += ["--threads", str(args.threads)]
-    log = Path(tempfile.gettempdir()) / f"scan_serve_load_{os.getpid()}.log"  # read it when the server fails
+    ports = ["--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--exit-timeout", "10"]
+    workspace = tempfile.TemporaryDirectory(prefix="scan_serve_load_")
+    if args.repository:
+        from export.triton_repo import RepositoryOptions, write_repository
+
+        repository = write_repository(args.bundle, Path(workspace.name) / "repository", RepositoryOptions(
+            piece_backend="python", vocab=",".join(names), instances=args.instances,
+            max_batch_size=args.max_batch_size, threads=args.threads or 0), report=lambda line: None)
+        command = [sys.executable, "-m", "cli", "serve", "--repository", str(repository), *ports]
+    else:
+        command = [sys.executable, "-m", "cli", "serve", "--bundle", str(args.bundle), "--vocab", ",".join(names),
+                   "--instances", str(args.instances), "--max-batch-size", str(args.max_batch_size), *ports]
+        if args.threads:
+            command += ["--threads", str(args.threads)]
+    log = Path(workspace.name) / "server.log"
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as handle:
+    with workspace, open(log, "w") as handle:
         server = subprocess.Popen(command, cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT)
         try:
             import tritonclient.http as module
@@ -155,7 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
                 except Exception:
                     pass
                 if server.poll() is not None:
-                    raise RuntimeError(f"the server exited: see {log}")
+                    raise RuntimeError(f"the server exited: {log.read_text()[-3000:]}")
                 time.sleep(0.5)
             raw_names = np.array([[n.encode("utf-8") for n in names]], dtype=np.object_)
             _request(client, module, images[0], raw_names)  # warm-up
@@ -169,6 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
                       f"{level['latency_s']['p50']:.3f} s, wrong {level['wrong']}, errors {level['errors']}",
                       file=sys.stderr)
             stats = client.get_inference_statistics(MODEL_NAME)["model_stats"][0]["batch_stats"]
+            client.close()  # Triton waits for open connections when it stops
         finally:
             server.send_signal(signal.SIGTERM)
             server.wait(timeout=120)
@@ -176,6 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": machine(), "versions": versions(), "bundle": str(args.bundle), "image_size": [height, width],
         "classes": len(names), "threads": args.threads, "instances": args.instances,
         "max_batch_size": args.max_batch_size,
+        "server": "scan serve --repository (BLS orchestrator, Python-backend pieces)" if args.repository else "scan serve --bundle",
         "local": {"latency_s": summarise(local_times), "throughput_per_s": round(len(local_times) / sum(local_times), 3)},
         "levels": levels,
         "batches": {str(entry["batch_size"]): int(entry["compute_infer"]["count"]) for entry in stats},
@@ -192,7 +205,7 @@ def markdown(result: dict) -> str:
             f"{local['latency_s']['p50']:.3f} | {local['latency_s']['p99']:.3f} | 0 | 0 | - |"]
     for level in result["levels"]:
         rss = level["server_rss_bytes"]
-        rows.append(f"| `scan serve` (Triton, HTTP) | {level['concurrency']} | {level['requests']} | "
+        rows.append(f"| `{result['server'].split(' (')[0]}` (Triton, HTTP) | {level['concurrency']} | {level['requests']} | "
                     f"{level['throughput_per_s']:.2f} | {level['latency_s']['p50']:.3f} | {level['latency_s']['p99']:.3f} | "
                     f"{level['wrong']} | {level['errors']} | {rss['before'] / 2**20:.0f} -> {rss['after'] / 2**20:.0f} |")
     head = ("| | concurrency | requests | throughput (req/s) | p50 (s) | p99 (s) | wrong | errors | server RSS (MiB) |\n"

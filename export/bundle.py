@@ -227,7 +227,7 @@ def _compare(segmenter, image, expected: np.ndarray, eager_probs: np.ndarray, re
     settings = segmenter.settings
     clock = _Clock({})
     proposals = segmenter._propose(image, clock)
-    labels, _, _ = segmenter._decide(image, proposals, settings, image.shape[:2], False, clock)
+    labels, *_ = segmenter._decide(image, proposals, settings, image.shape[:2], False, clock)
     check = PipelineCheck("", 0, float((labels == expected).mean()), required)
     if check.label_agreement >= required:
         return check
@@ -236,7 +236,7 @@ def _compare(segmenter, image, expected: np.ndarray, eager_probs: np.ndarray, re
     if not flipped.any() or np.abs(proposals.probs[flipped] - thr).max() >= THRESHOLD_ROUNDING:
         return check  # nothing to excuse, or flips beyond rounding: the raw agreement decides
     proposals.probs[flipped] = eager_probs[flipped]
-    labels, _, _ = segmenter._decide(image, proposals, settings, image.shape[:2], False, clock)
+    labels, *_ = segmenter._decide(image, proposals, settings, image.shape[:2], False, clock)
     check.threshold_flips = int(flipped.sum())
     check.conditioned_agreement = float((labels == expected).mean())
     return check

@@ -2,8 +2,8 @@
 
 `ServedSegmenter("localhost:8000")` (HTTP) or `ServedSegmenter("grpc://localhost:8001")` sends each
 image with the current vocabulary's names through `tritonclient` and returns the label map in a
-`SegmentationResult`, so local and served segmentation write the same outputs. The inference
-settings are the served bundle's; scores stay on the server.
+`SegmentationResult` (with each pixel's label score), so local and served segmentation write the
+same outputs. The inference settings are the served bundle's; the full score maps stay on the server.
 """
 
 from __future__ import annotations
@@ -61,7 +61,8 @@ class ServedSegmenter:
         inputs[1].set_data_from_numpy(names)
         start = time.perf_counter()
         try:
-            answer = self._client.infer(self.model, inputs)
+            answer = self._client.infer(self.model, inputs, outputs=[self._module.InferRequestedOutput(name)
+                                                                      for name in ("labels", "scores", "error")])
         except self._module.InferenceServerException as exc:
             lines = [line for line in str(exc).splitlines() if line.strip()]
             mine = [line for line in lines if "ScanError:" in line]
@@ -71,4 +72,4 @@ class ServedSegmenter:
             raise ScanError(f"the server refused the request: {error.decode('utf-8', 'replace')}")
         labels = answer.as_numpy("labels")[0].astype(np.int64)
         return SegmentationResult(labels, list(self.classes), None, {"server": time.perf_counter() - start},
-                                  tuple(labels.shape))
+                                  tuple(labels.shape), label_scores=answer.as_numpy("scores")[0])

@@ -5,6 +5,7 @@ Shared by the eager pipeline and the deployed runtime so that both see the same 
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,23 @@ def load_image(source) -> np.ndarray:
             return _to_rgb8(image)
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise ImageError(f"cannot read image {path}: {exc} (is it a complete PNG/JPEG file?)") from None
+
+
+def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
+    """Encoded image bytes (PNG, JPEG, ... as pillow reads them) -> HxWx3 uint8 RGB.
+
+    The size is read from the header first: an image above `max_pixels` is refused before its
+    pixels are decoded, so a small file cannot make the caller allocate gigabytes.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageError(f"encoded image of {width}x{height} pixels, more than {max_pixels}: resize it before sending")
+            image.load()
+            return _to_rgb8(image)
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise ImageError(f"cannot decode the image bytes: {exc} (send a complete PNG or JPEG file)") from None
 
 
 def as_rgb_array(array: np.ndarray) -> np.ndarray:

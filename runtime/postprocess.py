@@ -83,9 +83,11 @@ def semantic_map(scores: np.ndarray, probs: np.ndarray) -> np.ndarray:
 
 
 def labels_from_scores(scores: np.ndarray, probs: np.ndarray, out_size: tuple[int, int], keep_scores: bool = False,
-                       budget_bytes: int = 256 << 20) -> tuple[np.ndarray, np.ndarray | None]:
+                       budget_bytes: int = 256 << 20, label_scores: np.ndarray | None = None,
+                       ) -> tuple[np.ndarray, np.ndarray | None]:
     """(H, W) int64 argmax over classes of the semantic map resized to ``out_size`` (SPEC §1.14),
-    and the resized (K, H, W) float32 map if ``keep_scores`` (else None).
+    and the resized (K, H, W) float32 map if ``keep_scores`` (else None). ``label_scores``, an
+    (H, W) float32 array if given, receives each pixel's winning score (the running maximum).
 
     Twin of ``scan_model.segmenter._postprocess(semantic_map(scores, probs), out_size,
     keep_scores)`` for (Q, K) scores and (Q, h, w) probabilities; out_size (h, w) means no
@@ -127,6 +129,8 @@ def labels_from_scores(scores: np.ndarray, probs: np.ndarray, out_size: tuple[in
                     np.copyto(band_best, top, where=better)
                     np.copyto(band_labels, index, where=better)
             del horizontal  # before the next chunk's is made
+        if label_scores is not None:
+            label_scores[band] = best
     return labels, kept
 
 

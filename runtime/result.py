@@ -15,6 +15,7 @@ class SegmentationResult:
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     model_input_size: tuple[int, int] = (0, 0)  # (h, w) after the test resize
     num_regions: int = 0  # masks that passed the threshold and went through the region CLIP
+    label_scores: np.ndarray | None = None  # (H, W) float32 score of each pixel's label (its class's maximum)
 
     @property
     def present(self) -> list[int]:

@@ -50,11 +50,15 @@ class Segmenter:
         verify: "hash" checks every file's size and sha256 against the manifest, "size" only sizes.
         cache_dir: root of the persistent text-embedding cache (default: the user cache folder).
         report: where progress lines go (TensorRT engine builds).
+        runners: the pieces run elsewhere: a mapping from each piece name to an object whose
+            `run(feeds) -> outputs` takes and returns numpy arrays by the piece's tensor names (the
+            model repository's orchestrator passes its Triton models); the bundle then needs no
+            piece files, and backend/providers/threads/graph_optimization do not apply.
     """
 
     def __init__(self, bundle: str | Path, backend: str = "onnxruntime", providers=None, threads: int | None = None,
                  precision: str = "fp32", graph_optimization: str = "all", resize: bool = True, verify: str = "hash",
-                 cache_dir: str | Path | None = None, report=None):
+                 cache_dir: str | Path | None = None, report=None, runners: dict | None = None):
         if backend not in BACKENDS:
             raise ScanError(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}")
         if precision not in PRECISIONS:
@@ -72,10 +76,13 @@ class Segmenter:
         if missing:
             raise ScanError(f"bundle {self.root} lacks the piece(s) {', '.join(missing)}: export the whole model with `scan export`")
         self.manifest.check_variant(precision)
-        files = [f for p in PIECE_NAMES for f in self.manifest.pieces[p].variant(precision).files()]
+        files = [] if runners else [f for p in PIECE_NAMES for f in self.manifest.pieces[p].variant(precision).files()]
         verify_files(self.root, [*files, self.manifest.tokenizer.bpe, *self.manifest.text_caches.values()],
                      hashes=verify == "hash")
-        self.runners = self._open(backend, providers, threads, graph_optimization, report or print)
+        if runners and set(runners) != set(PIECE_NAMES):
+            raise ScanError(f"runners for {sorted(runners)}: give one for each of {', '.join(PIECE_NAMES)}")
+        self.runners = dict(runners) if runners else self._open(backend, providers, threads, graph_optimization,
+                                                               report or print)
         self._text = self._text_embedder(cache_dir)
         inf = self.manifest.inference
         self.settings = InferenceSettings(
@@ -153,8 +160,8 @@ class Segmenter:
             )
         resized = resize_shortest_edge(array, pre.min_size_test, pre.max_size_test) if self.resize else array
         proposals = self._propose(resized, clock)
-        label_map, sem_seg, regions = self._decide(resized, proposals, settings, (height, width), return_scores, clock)
-        return SegmentationResult(label_map, list(self.classes), sem_seg, timings, tuple(resized.shape[:2]), regions)
+        label_map, sem_seg, regions, best = self._decide(resized, proposals, settings, (height, width), return_scores, clock)
+        return SegmentationResult(label_map, list(self.classes), sem_seg, timings, tuple(resized.shape[:2]), regions, best)
 
     def _propose(self, resized: np.ndarray, clock: "_Clock") -> "_Proposals":
         """Pre-processing, image encoder and mask decoder: mask probabilities at the resized size."""
@@ -181,7 +188,8 @@ class Segmenter:
 
     def _decide(self, resized: np.ndarray, proposals: "_Proposals", settings: InferenceSettings,
                 out_size: tuple[int, int], return_scores: bool, clock: "_Clock"):
-        """Valid proposals, CLIP adapter, ensemble, semantic map, resize and argmax: (labels, scores, regions)."""
+        """Valid proposals, CLIP adapter, ensemble, semantic map, resize and argmax:
+        (labels, scores, regions, each pixel's label score)."""
         probs = proposals.probs
         valid = probs.reshape(probs.shape[0], -1).max(axis=1) > settings.mask_threshold
         region_logits = self._classify_regions(resized, probs, valid, proposals.shift_tokens, settings)
@@ -189,9 +197,10 @@ class Segmenter:
         scores = ensemble_class_scores(proposals.class_logits, region_logits, valid, settings.ensemble_weight,
                                        log_branch=settings.log_ensemble)
         clock.lap("ensemble")
-        label_map, sem_seg = labels_from_scores(scores, probs, out_size, keep_scores=return_scores)
+        best = np.empty(out_size, dtype=np.float32)
+        label_map, sem_seg = labels_from_scores(scores, probs, out_size, keep_scores=return_scores, label_scores=best)
         clock.lap("postprocess")
-        return label_map, sem_seg, int(valid.sum())
+        return label_map, sem_seg, int(valid.sum()), best
 
     def _classify_regions(self, image: np.ndarray, probs: np.ndarray, valid: np.ndarray, shift_tokens: np.ndarray,
                           settings: InferenceSettings) -> np.ndarray:

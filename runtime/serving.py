@@ -1,12 +1,11 @@
 """A bundle behind NVIDIA Triton Inference Server, through PyTriton: `scan serve`.
 
 Triton owns the endpoints (HTTP, gRPC, metrics), the request queue and the dynamic batcher;
-PyTriton runs our Python function as the model, one `Segmenter` per model instance. A request
-carries one RGB image (uint8, H x W x 3) and, optionally, its own class names; the answer is the
-label map (int32, H x W), the class names it indexes and `error`: empty, or why this request was
-refused (Triton fails a whole batch when the model raises, so a bad request must not raise). Requests with the same image size and
-vocabulary size are batched together by Triton; each image is then segmented with its own
-vocabulary, whose text embeddings come from the runtime's cache after the first request.
+PyTriton runs our Python function as the model, one `Segmenter` per model instance. Requests and
+answers are `runtime.serve_requests`'s (an image as pixels or as a PNG/JPEG file, optional class
+names; label map, label scores, names, per-request error). Triton's dynamic batcher hands the
+model several requests at once; each is segmented with its own vocabulary, whose text
+embeddings come from the runtime's cache after the first request.
 
 Triton's Python backend loads `libpython` through the dynamic linker. An interpreter whose shared
 library is not the system's (pyenv, conda) would otherwise get the system's copy, another patch
@@ -19,7 +18,9 @@ from __future__ import annotations
 
 import os
 import signal
+import shutil
 import socket
+import sys
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ScanError
+from .serve_requests import INPUTS, OUTPUTS, RequestHandler, RequestLimits
 
 MODEL_NAME = "scan"
 
@@ -120,64 +122,15 @@ class _Instance:
     def __init__(self, config: ServeConfig):
         from .segmenter import Segmenter
 
-        self.segmenter = Segmenter(config.bundle, backend=config.backend, precision=config.precision,
-                                   threads=config.threads, resize=config.resize)
-        self.default = self.segmenter.set_vocabulary(config.vocab) if config.vocab else None
-        self.max_classes, self.max_image_pixels = config.max_classes, config.max_image_pixels
+        segmenter = Segmenter(config.bundle, backend=config.backend, precision=config.precision,
+                              threads=config.threads, resize=config.resize)
+        self.handler = RequestHandler(segmenter, config.vocab, RequestLimits(config.max_classes, config.max_image_pixels))
 
-    def __call__(self, requests):
-        from pytriton.decorators import batch
-
-        return batch(self._batch)(requests)
-
-    def _batch(self, image: np.ndarray, classes: np.ndarray | None = None) -> dict[str, np.ndarray]:
-        # Triton batches requests of one shape; an error raised here would fail every request of
-        # the batch, so each request's own problem goes into its `error` output instead.
-        labels, names_out, errors = [], [], []
-        for index in range(image.shape[0]):
-            count = len(self.default or []) if classes is None else classes.shape[1]
-            try:
-                names = self._names(None if classes is None else classes[index])
-                self._check_image(image[index])
-                self.segmenter.set_vocabulary(names)
-                labels.append(self.segmenter.segment(image[index]).label_map.astype(np.int32))
-                names_out.append([n.encode("utf-8") for n in names])
-                errors.append(b"")
-            except ScanError as exc:
-                labels.append(np.zeros(image.shape[1:3], np.int32))
-                names_out.append([b""] * count)
-                errors.append(str(exc).encode("utf-8"))
-        return {"labels": np.stack(labels), "classes": np.array(names_out, dtype=np.object_).reshape(len(labels), -1),
-                "error": np.array(errors, dtype=np.object_).reshape(-1, 1)}
-
-    def _names(self, raw: np.ndarray | None) -> list[str]:
-        names = self.default if raw is None else _decode_names(raw)
-        if names is None:
-            raise ScanError("no class names in the request and no default vocabulary: send 'classes', "
-                            "or start scan serve with --vocab")
-        if len(names) > self.max_classes:
-            raise ScanError(f"{len(names)} class names, more than this server's {self.max_classes}: send fewer, "
-                            "or start scan serve with a larger --max-classes")
-        return names
-
-    def _check_image(self, pixels: np.ndarray) -> None:
-        height, width = pixels.shape[:2]
-        if height * width > self.max_image_pixels or min(height, width) < 1:
-            raise ScanError(f"image of {width}x{height} pixels: this server takes 1 to {self.max_image_pixels} "
-                            "pixels (--max-image-pixels); resize it before sending")
-
-
-def _decode_names(raw: np.ndarray) -> list[str]:
-    names = []
-    for position, value in enumerate(raw.reshape(-1)):
-        try:
-            name = value.decode("utf-8") if isinstance(value, bytes) else str(value)
-        except UnicodeDecodeError:
-            raise ScanError(f"class name {position} is not valid UTF-8: send names as UTF-8 text") from None
-        names.append(name)
-    if not names:
-        raise ScanError("the request's class list is empty: send at least one name, or none for the default")
-    return names
+    def __call__(self, requests) -> list[dict[str, np.ndarray]]:
+        # Requests are answered one by one (not through PyTriton's @batch): each may carry its own
+        # vocabulary and its image as pixels or as a file, and one's refusal must not touch another.
+        return [self.handler.answer(dict(request.data), request.requested_output_names or None)
+                for request in requests]
 
 
 # -- the server -----------------------------------------------------------------------------------------
@@ -207,11 +160,10 @@ def serve(config: ServeConfig, on_ready=None) -> None:
         triton.bind(
             model_name=MODEL_NAME,
             infer_func=instances,
-            inputs=[Tensor(name="image", dtype=np.uint8, shape=(-1, -1, 3)),
-                    Tensor(name="classes", dtype=bytes, shape=(-1,), optional=True)],
-            outputs=[Tensor(name="labels", dtype=np.int32, shape=(-1, -1)),
-                     Tensor(name="classes", dtype=bytes, shape=(-1,)),
-                     Tensor(name="error", dtype=bytes, shape=(1,))],
+            inputs=[Tensor(name=name, dtype=bytes if dtype is np.object_ else dtype, shape=shape, optional=optional)
+                    for name, dtype, shape, optional in INPUTS],
+            outputs=[Tensor(name=name, dtype=bytes if dtype is np.object_ else dtype, shape=shape)
+                     for name, dtype, shape in OUTPUTS],
             config=ModelConfig(max_batch_size=config.max_batch_size,
                                batcher=DynamicBatcher(max_queue_delay_microseconds=config.max_queue_delay_us)),
             strict=True,
@@ -224,3 +176,45 @@ def serve(config: ServeConfig, on_ready=None) -> None:
 
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
+
+
+# -- a model repository on PyTriton's server binary -----------------------------------------------------
+
+
+def repository_server(repository: Path, workspace: Path, http_port: int, grpc_port: int, metrics_port: int,
+                      environ: dict[str, str] | None = None) -> tuple[list[str], dict[str, str]]:
+    """The command and environment that run PyTriton's `tritonserver` on a model repository.
+
+    That build has only the Python backend: it serves repositories written with
+    `--triton-backend python`. `workspace` (an empty folder) receives the backend folder the
+    server needs (PyTriton's Python backend with the stub for this interpreter).
+    """
+    try:
+        import pytriton
+    except ImportError:
+        raise ServeError("serving a repository here needs PyTriton's server: pip install 'scan-deploy[serve]'") from None
+    problem = hosting_problem()
+    if problem is not None:
+        raise ServeError(problem)
+    if not (Path(repository) / MODEL_NAME / "config.pbtxt").is_file():
+        raise ServeError(f"{repository} is not a model repository `scan export --triton` wrote (no {MODEL_NAME}/config.pbtxt)")
+    dist = Path(pytriton.__file__).parent / "tritonserver"
+    version = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    stub = dist / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise ServeError(f"PyTriton has no Python backend stub for Python {version}: use Python 3.8-3.13")
+    backend = Path(workspace) / "backends" / "python"
+    backend.mkdir(parents=True)
+    for item in (dist / "backends" / "python").iterdir():
+        if item.is_file():
+            (backend / item.name).symlink_to(item)
+    shutil.copy(stub, backend / "triton_python_backend_stub")
+    environ = backend_environment(dict(os.environ if environ is None else environ))
+    libs = Path(pytriton.__file__).parent.parent / "nvidia_pytriton.libs"
+    environ["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (environ.get("LD_LIBRARY_PATH", ""), str(libs)) if p)
+    # The backend's stub runs this environment's Python packages (numpy, onnxruntime, ...).
+    environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), environ.get("PATH", "")])
+    command = [str(dist / "bin" / "tritonserver"), f"--model-repository={Path(repository).resolve()}",
+               f"--backend-directory={backend.parent}", f"--http-port={http_port}", f"--grpc-port={grpc_port}",
+               f"--metrics-port={metrics_port}", "--exit-on-error=true", "--strict-readiness=true"]
+    return command, environ

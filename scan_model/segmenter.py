@@ -101,15 +101,16 @@ class EagerSegmenter:
         out = self.model(tensor, self._classifier, rng=self.rng, timings=timings, settings=settings)
 
         start = time.perf_counter()
-        label_map, scores = _postprocess(out.sem_seg, (height, width), return_scores)
+        label_map, scores, best = _postprocess(out.sem_seg, (height, width), return_scores)
         timings["postprocess"] = time.perf_counter() - start
         return SegmentationResult(
-            label_map, list(self.classes), scores, timings, tuple(resized.shape[:2]), int(out.regions.valid.sum())
+            label_map, list(self.classes), scores, timings, tuple(resized.shape[:2]), int(out.regions.valid.sum()), best
         )
 
 
 def _postprocess(sem_seg: torch.Tensor, size: tuple[int, int], keep_scores: bool):
-    """Resize (K, h, w) scores to the image size (bilinear, as `sem_seg_postprocess`) and argmax.
+    """Resize (K, h, w) scores to the image size (bilinear, as `sem_seg_postprocess`) and argmax:
+    (labels, the (K, H, W) scores when kept, each pixel's label score).
 
     The argmax runs over class chunks with a running maximum, so the full (K, H, W) tensor
     at the original size exists only when the caller asks for the scores.
@@ -133,4 +134,4 @@ def _postprocess(sem_seg: torch.Tensor, size: tuple[int, int], keep_scores: bool
         if keep_scores:
             kept.append(chunk.float().cpu().numpy())
     scores = np.concatenate(kept) if keep_scores else None
-    return best_idx.cpu().numpy().astype(np.int64), scores
+    return best_idx.cpu().numpy().astype(np.int64), scores, best_val.float().cpu().numpy()

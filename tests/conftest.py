@@ -7,8 +7,12 @@ skip with a clear message when the folder is absent.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import subprocess
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,3 +138,47 @@ def _private_user_cache(tmp_path_factory):
         os.environ.pop("XDG_CACHE_HOME", None)
     else:
         os.environ["XDG_CACHE_HOME"] = previous
+
+
+# -- a `scan serve` process on localhost ----------------------------------------------------------------
+@contextlib.contextmanager
+def scan_server(serve_arguments: list[str], folder: Path, concurrency: int = 4):
+    """`scan serve ARGS` on free localhost ports, once its model `scan` is ready, with an HTTP client.
+
+    Yields a dict: process, client (tritonclient.http, `concurrency` connections), log, http, grpc,
+    metrics. The server is stopped afterwards (SIGTERM, then SIGKILL after a minute).
+    """
+    import tritonclient.http
+
+    from runtime.serving import MODEL_NAME, free_ports, hosting_problem
+
+    if hosting_problem() is not None:
+        pytest.skip(hosting_problem())
+    http, grpc, metrics = free_ports(3)
+    log = folder / "server.log"
+    command = [sys.executable, "-m", "cli", "serve", *serve_arguments, "--http-port", str(http), "--grpc-port", str(grpc),
+               "--metrics-port", str(metrics), "--exit-timeout", "5"]
+    with open(log, "w") as handle:
+        process = subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=handle, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+        client = tritonclient.http.InferenceServerClient(f"localhost:{http}", concurrency=concurrency, network_timeout=300)
+        try:
+            deadline = time.time() + 240
+            while time.time() < deadline and process.poll() is None:
+                try:
+                    if client.is_model_ready(MODEL_NAME):
+                        break
+                except Exception:  # not listening yet
+                    pass
+                time.sleep(0.5)
+            else:
+                pytest.fail(f"the server did not become ready: {log.read_text()[-4000:]}")
+            yield {"process": process, "client": client, "log": log, "http": http, "grpc": grpc, "metrics": metrics}
+        finally:
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()

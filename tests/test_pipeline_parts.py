@@ -112,9 +112,11 @@ def test_chunked_postprocess_equals_direct():
     torch.manual_seed(1)
     sem = torch.rand(150, 20, 30)
     sem[3] = sem[140]  # an exact tie across chunks: the first index must win
-    label, scores = _postprocess(sem, (41, 57), keep_scores=True)
+    label, scores, best = _postprocess(sem, (41, 57), keep_scores=True)
     full = torch.nn.functional.interpolate(sem[None], size=(41, 57), mode="bilinear", align_corners=False)[0]
     assert np.array_equal(label, full.argmax(0).numpy())
     assert np.allclose(scores, full.numpy())
-    same, none = _postprocess(sem, (20, 30), keep_scores=False)
+    assert np.array_equal(best, full.max(0).values.numpy())  # each pixel's label score
+    same, none, best = _postprocess(sem, (20, 30), keep_scores=False)
     assert none is None and np.array_equal(same, sem.argmax(0).numpy())
+    assert np.array_equal(best, sem.max(0).values.numpy())

@@ -299,8 +299,11 @@ def test_labels_from_scores_matches_torch(queries, classes, h, w, out_h, out_w):
     scores = rng.random((queries, classes), dtype=F32)
     probs = sigmoid((rng.standard_normal((queries, h, w)) * 4).astype(F32))
     reference_map = eager.semantic_map(torch.from_numpy(scores), torch.from_numpy(probs))
-    expected, sem = _postprocess(reference_map, (out_h, out_w), True)
-    labels, kept = labels_from_scores(scores, probs, (out_h, out_w), keep_scores=True)
+    expected, sem, _ = _postprocess(reference_map, (out_h, out_w), True)
+    best = np.full((out_h, out_w), np.nan, dtype=F32)
+    labels, kept = labels_from_scores(scores, probs, (out_h, out_w), keep_scores=True, label_scores=best)
+    # Each pixel's label score is its label's entry of the kept map (the running maximum).
+    np.testing.assert_array_equal(best, np.take_along_axis(kept, labels[None], axis=0)[0])
     assert labels.dtype == np.int64 and labels.shape == (out_h, out_w) and kept.shape == sem.shape
     bound = (2 * queries + 10) * U * sem
     assert np.all(np.abs(kept - sem) <= bound)

@@ -6,22 +6,21 @@ bad requests get an error the client can read while the server keeps serving, SI
 
 from __future__ import annotations
 
+import io
 import os
 import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
+from PIL import Image
 
-from conftest import PROJECT_ROOT
+from conftest import scan_server
 
 tritonclient_http = pytest.importorskip("tritonclient.http", reason="pip install 'scan-deploy[serve]'")
 pytest.importorskip("pytriton", reason="pip install 'scan-deploy[serve]'")
 
 from runtime.segmenter import Segmenter  # noqa: E402
-from runtime.serving import MODEL_NAME, backend_environment, free_ports, hosting_problem  # noqa: E402
+from runtime.serving import MODEL_NAME, backend_environment, hosting_problem  # noqa: E402
 from runtime.synthetic import synthetic_scene  # noqa: E402
 
 VOCAB = ["sky", "wall", "grass", "water", "road", "ball", "box", "tree", "house", "flower"]
@@ -29,33 +28,11 @@ VOCAB = ["sky", "wall", "grass", "water", "road", "ball", "box", "tree", "house"
 
 @pytest.fixture(scope="module")
 def server(tiny_bundle, tmp_path_factory):
-    if hosting_problem() is not None:
-        pytest.skip(hosting_problem())
-    http, grpc, metrics = free_ports(3)
-    log = tmp_path_factory.mktemp("serve") / "server.log"
-    command = [sys.executable, "-m", "cli", "serve", "--bundle", str(tiny_bundle.path), "--vocab", ",".join(VOCAB),
-               "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
-               "--instances", "1", "--max-batch-size", "4", "--max-queue-delay-us", "200000", "--threads", "2", "--exit-timeout", "5",
-               "--no-resize"]  # images at their own size keep the test short (the resize has its own tests)
-    handle = open(log, "w")
-    process = subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=handle, stderr=subprocess.STDOUT,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"})
-    client = tritonclient_http.InferenceServerClient(f"localhost:{http}", concurrency=8, network_timeout=300)
-    deadline = time.time() + 240
-    while time.time() < deadline and process.poll() is None:
-        try:
-            if client.is_model_ready(MODEL_NAME):
-                break
-        except Exception:  # not listening yet
-            pass
-        time.sleep(0.5)
-    else:
-        process.kill()
-        pytest.fail(f"the server did not become ready: {log.read_text()[-3000:]}")
-    yield {"process": process, "client": client, "log": log, "http": http, "grpc": grpc, "metrics": metrics}
-    if process.poll() is None:
-        process.kill()
-    handle.close()
+    arguments = ["--bundle", str(tiny_bundle.path), "--vocab", ",".join(VOCAB), "--instances", "1", "--max-batch-size", "4",
+                 "--max-queue-delay-us", "200000", "--threads", "2",
+                 "--no-resize"]  # images at their own size keep the test short (the resize has its own tests)
+    with scan_server(arguments, tmp_path_factory.mktemp("serve"), concurrency=8) as started:
+        yield started
 
 
 def _inputs(image: np.ndarray, names: list[str] | None = None):
@@ -88,6 +65,10 @@ def test_concurrent_requests_are_batched_and_equal_local_segmentation(server, ti
     for (labels, classes), want in zip(answers, expected):
         assert classes == VOCAB and labels.dtype == np.int32
         np.testing.assert_array_equal(labels, want)
+    # Each pixel's label score, when asked for (Triton returns only the requested outputs).
+    scored = client.infer(MODEL_NAME, _inputs(images[1]), outputs=[tritonclient_http.InferRequestedOutput("scores")])
+    assert scored.as_numpy("labels") is None
+    np.testing.assert_array_equal(scored.as_numpy("scores")[0], local.segment(images[1]).label_scores)
     stats = client.get_inference_statistics(MODEL_NAME)["model_stats"][0]
     sizes = {int(entry["batch_size"]) for entry in stats["batch_stats"]}
     assert max(sizes) > 1, f"Triton formed no batch larger than 1: {stats['batch_stats']}"
@@ -131,6 +112,19 @@ def test_bad_requests_get_readable_errors_and_the_server_keeps_serving(server):
         client.infer(MODEL_NAME, empty)
     labels, _ = _request(client, np.full((1, 1, 3), 200, np.uint8))
     assert labels.shape == (1, 1)
+    huge = client.infer(MODEL_NAME, _inputs(np.zeros((10000, 10000, 3), np.uint8)))  # 300 MB on the wire
+    assert b"image of 10000x10000 pixels: this server takes at most 40000000" in huge.as_numpy("error")[0][0]
+    # An image as an encoded file: a PNG is segmented, anything else refused; a request without an image too.
+    encoded = tritonclient_http.InferInput("image_bytes", [1, 1], "BYTES")
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    encoded.set_data_from_numpy(np.array([[buffer.getvalue()]], dtype=np.object_))
+    from_file = client.infer(MODEL_NAME, [encoded])
+    np.testing.assert_array_equal(from_file.as_numpy("labels")[0], _request(client, image)[0])
+    encoded.set_data_from_numpy(np.array([[b"GIF89a..."]], dtype=np.object_))
+    assert b"cannot decode the image bytes" in client.infer(MODEL_NAME, [encoded]).as_numpy("error")[0][0]
+    no_image = _inputs(image, ["sky"])[1:]
+    assert b"send the image either as 'image'" in client.infer(MODEL_NAME, no_image).as_numpy("error")[0][0]
     labels, _ = _request(client, image)
     assert labels.shape == (64, 64)
 
