@@ -60,8 +60,10 @@ class ServeConfig:
         problems = []
         if self.instances < 1:
             problems.append(f"--instances must be at least 1, got {self.instances}")
-        if self.max_classes < 1 or self.max_image_pixels < 1:
-            problems.append("--max-classes and --max-image-pixels must be at least 1")
+        try:
+            RequestLimits(self.max_classes, self.max_image_pixels).validate()
+        except ScanError as exc:
+            problems.append(str(exc))
         if self.max_batch_size < 1:
             problems.append(f"--max-batch-size must be at least 1, got {self.max_batch_size}")
         ports = (self.http_port, self.grpc_port, self.metrics_port)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import os
 import signal
+import urllib.request
 
 import numpy as np
 import pytest
@@ -72,6 +73,14 @@ def test_concurrent_requests_are_batched_and_equal_local_segmentation(server, ti
     stats = client.get_inference_statistics(MODEL_NAME)["model_stats"][0]
     sizes = {int(entry["batch_size"]) for entry in stats["batch_stats"]}
     assert max(sizes) > 1, f"Triton formed no batch larger than 1: {stats['batch_stats']}"
+    # Health, readiness and Prometheus metrics are Triton's own endpoints.
+    for path in ("/v2/health/live", "/v2/health/ready", f"/v2/models/{MODEL_NAME}/ready"):
+        with urllib.request.urlopen(f"http://localhost:{server['http']}{path}", timeout=10) as answer:
+            assert answer.status == 200, path
+    with urllib.request.urlopen(f"http://localhost:{server['metrics']}/metrics", timeout=10) as answer:
+        metrics = answer.read().decode()
+    (success,) = [line for line in metrics.splitlines() if line.startswith("nv_inference_request_success{") and f'model="{MODEL_NAME}"' in line]
+    assert float(success.rsplit(" ", 1)[1]) >= len(images)
     # A request with its own vocabulary gets labels over those names.
     labels, classes = _request(client, images[0], ["sky", "grass"])
     local.set_vocabulary(["sky", "grass"])
