@@ -63,7 +63,7 @@ class RepositoryOptions:
 
     def validate(self) -> None:
         if self.piece_backend not in PIECE_BACKENDS:
-            raise ScanError(f"--triton-backend {self.piece_backend!r}: choose one of {', '.join(PIECE_BACKENDS)}")
+            raise ScanError(f"Triton piece backend {self.piece_backend!r}: choose one of {', '.join(PIECE_BACKENDS)}")
         if self.precision not in PRECISIONS:
             raise ScanError(f"precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
         if self.precision == "int8" and (self.piece_backend == "tensorrt" or self.gpus):
@@ -102,9 +102,7 @@ def write_repository(bundle: str | Path, out: str | Path, options: RepositoryOpt
             _write_piece(tmp / piece_model(piece), sources[piece], bundle, options, config_pb2, text_format)
         _write_orchestrator(tmp / ORCHESTRATOR, bundle, manifest, options, config_pb2, text_format)
         _make_shareable(tmp)
-        if out.exists():
-            shutil.rmtree(out)  # an empty folder, or a repository this function wrote (_check_destination)
-        os.replace(tmp, out)
+        _replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -301,6 +299,19 @@ def _check_destination(out: Path) -> None:
         raise ScanError(f"cannot create {out.parent}: {exc.strerror}") from None
     if not os.access(out.parent, os.W_OK | os.X_OK):
         raise ScanError(f"cannot write into {out.parent}: permission denied")
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Swap the finished folder into place: `out` is never missing or half-written (an empty folder, or a
+    repository this module wrote, per _check_destination), and the old one goes only after the rename."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _link_or_copy(source: Path, target: Path) -> None:

@@ -29,7 +29,6 @@ from export.onnx_export import (
     ExportError,
     PieceExport,
     Shape,
-    export_piece,
     ort_parity,
     parity_gate,
 )
@@ -51,18 +50,38 @@ def official_checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ill_conditioned(official_checkpoint, tmp_path_factory):
-    """The official-format checkpoint's mask decoder, exported and compared at the issue's shape."""
+def official_export(official_checkpoint, tmp_path_factory):
+    """`scan export` of the ill-conditioned checkpoint, as the issue's user ran it (a few minutes)."""
+    from cli import app
+
+    out = tmp_path_factory.mktemp("official_export") / "bundle"
+    start = time.perf_counter()
+    result = CliRunner().invoke(app, ["export", "--checkpoint", str(official_checkpoint), "--config", str(OFFICIAL_CONFIG),
+                                      "--vocab", VOCAB, "--out", str(out)])
+    print(f"scan export: {time.perf_counter() - start:.0f} s\n{result.output}")
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def _bundle_piece(bundle: Path, piece: str) -> PieceExport:
+    """The record of a graph a bundle holds, for the gate to judge again without exporting it anew."""
+    return PieceExport(piece, bundle / f"{piece}.onnx", 0.0, 0, {}, {})
+
+
+@pytest.fixture(scope="module")
+def ill_conditioned(official_checkpoint, official_export):
+    """The exported bundle's mask decoder of the official-format checkpoint, compared at the issue's shape."""
     loaded = load_model(official_checkpoint, OFFICIAL_CONFIG, device="cpu")
     assert loaded.report.ok and loaded.source == str(official_checkpoint)
     model = loaded.model
-    record = export_piece(model, "mask_decoder", tmp_path_factory.mktemp("ill") / "mask_decoder.onnx", ILL_SHAPE)
+    record = _bundle_piece(official_export, "mask_decoder")
     ort_parity(model, record, [ILL_SHAPE])
     return model, record
 
 
 @pytest.fixture(scope="module")
 def tiny():
+    """The `tiny` preset's weights of seed 0, which the session bundle's graphs were exported from."""
     return load_model(None, "tiny", device="cpu", seed=0).model
 
 
@@ -130,10 +149,8 @@ def test_gate_accepts_the_ill_conditioned_mask_decoder_within_a_multiple_of_its_
 
 
 @pytest.fixture(scope="module")
-def well_conditioned(tiny, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("well")
-    record = export_piece(tiny, "mask_decoder", folder / "mask_decoder.onnx", SMALL)
-    return record, folder
+def well_conditioned(tiny_bundle, tmp_path_factory):
+    return _bundle_piece(tiny_bundle.path, "mask_decoder"), tmp_path_factory.mktemp("well")
 
 
 # -- (b) a wrong graph still fails, naming the piece, shape and output ---------------------------------
@@ -191,8 +208,8 @@ def test_sensitivity_bound_alone_separates_rounding_from_a_small_error(tiny, wel
     parity_gate(off, TOLERANCE)  # and the fixed tolerance stays the floor
 
 
-def test_bool_outputs_must_match_exactly(tiny, tmp_path):
-    record = export_piece(tiny, "clip_adapter", tmp_path / "clip_adapter.onnx", SMALL)
+def test_bool_outputs_must_match_exactly(tiny, tiny_bundle, tmp_path):
+    record = _bundle_piece(tiny_bundle.path, "clip_adapter")
     ort_parity(tiny, record, [SMALL])
     parity_gate(record, TOLERANCE)
     assert record.exact_outputs == ["valid"] and "valid" not in record.parity[0].eager_sensitivity
@@ -204,15 +221,8 @@ def test_bool_outputs_must_match_exactly(tiny, tmp_path):
 
 
 # -- the whole `scan export`, as the issue's user ran it (a few minutes) ----------------------------------
-def test_cli_export_of_ill_conditioned_official_checkpoint(official_checkpoint, tmp_path):
-    from cli import app
-
-    out = tmp_path / "bundle"
-    start = time.perf_counter()
-    result = CliRunner().invoke(app, ["export", "--checkpoint", str(official_checkpoint), "--config", str(OFFICIAL_CONFIG),
-                                      "--vocab", VOCAB, "--out", str(out)])
-    print(f"scan export: {time.perf_counter() - start:.0f} s\n{result.output}")
-    assert result.exit_code == 0, result.output
+def test_cli_export_of_ill_conditioned_official_checkpoint(official_export):
+    out = official_export
     manifest = json.loads((out / "manifest.json").read_text())
     parity = manifest["pieces"]["mask_decoder"]["parity"]
     assert len(parity) == 3 and ILL_SHAPE.label() in [p["shape"] for p in parity]

@@ -144,6 +144,10 @@ def test_onnxruntime_repository_matches_its_graphs_with_gpu_instance_groups(tiny
     assert (version / "runtime" / "segmenter.py").is_file() and (version / "runtime" / "data" / "vocabularies.json").is_file()
     assert read_manifest(version / "bundle").text_caches and not list((version / "bundle").glob("*.onnx"))
     assert "pillow" in (out / ORCHESTRATOR / "requirements.txt").read_text()
+    # Writing again over it replaces it whole, leaving nothing beside it.
+    write_repository(tiny_bundle.path, out, RepositoryOptions(max_batch_size=2), report=print)
+    assert _config(out / ORCHESTRATOR).max_batch_size == 2 and not _config(out / piece_model("mask_decoder")).instance_group[0].gpus
+    assert [p.name for p in tmp_path.iterdir()] == ["ort"]
 
 
 def test_the_scalar_threshold_travels_as_one_element_with_identical_outputs(tiny_bundle, tmp_path):
@@ -225,5 +229,5 @@ def test_bad_repository_requests_name_the_problem_and_write_nothing(tiny_bundle,
     # scan export --triton checks its repository options before minutes of export.
     result = runner.invoke(app, ["export", "--preset", "tiny", "--out", str(tmp_path / "bundle"),
                                  "--triton", str(tmp_path / "repo"), "--triton-backend", "nope"])
-    assert result.exit_code == 2 and "--triton-backend 'nope'" in result.stderr
+    assert result.exit_code == 2 and "Triton piece backend 'nope'" in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
