@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from runtime.errors import BundleError
-from runtime.files import sha256_file
+from runtime.files import replace_folder, sha256_file
 from runtime.manifest import (
     MANIFEST,
     SCHEMA_VERSION,
@@ -153,8 +153,7 @@ def write_bundle(
         if set(records) == set(PIECES):
             manifest.pipeline_check = pipeline_check(model, tmp, [example, *checks], precision, report)
             write_manifest(tmp, manifest)
-        _make_shareable(tmp)
-        _replace(tmp, out)
+        replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -240,25 +239,6 @@ def _compare(segmenter, image, expected: np.ndarray, eager_probs: np.ndarray, re
     check.threshold_flips = int(flipped.sum())
     check.conditioned_agreement = float((labels == expected).mean())
     return check
-
-
-def _make_shareable(folder: Path) -> None:
-    """mkdtemp creates 0700 folders; give the bundle the permissions a normal mkdir would."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(folder, 0o777 & ~umask)
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    """Swap the finished folder into place; the old bundle is removed only after the rename."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 _DTYPES = {1: "float32", 7: "int64", 9: "bool", 10: "float16"}

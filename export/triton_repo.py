@@ -30,7 +30,7 @@ import numpy as np
 
 import runtime
 from runtime.errors import BundleError, ScanError
-from runtime.files import verify_files
+from runtime.files import replace_folder, verify_files
 from runtime.manifest import MANIFEST, Manifest, TensorSpec, read_manifest
 from runtime.segmenter import PIECE_NAMES, PRECISIONS
 from runtime.serve_requests import INPUTS, OUTPUTS, RequestLimits
@@ -83,7 +83,8 @@ def piece_model(piece: str) -> str:
 
 def write_repository(bundle: str | Path, out: str | Path, options: RepositoryOptions = RepositoryOptions(),
                      report=print) -> Path:
-    """Write the repository for `bundle` at `out` (built beside it and renamed into place)."""
+    """Write the repository for `bundle` at `out` (built beside it and renamed into place; `out` may be
+    empty, new, or a repository this module wrote, see _check_destination)."""
     options.validate()
     bundle, out = Path(bundle), Path(out).resolve()
     manifest = read_manifest(bundle)
@@ -101,8 +102,7 @@ def write_repository(bundle: str | Path, out: str | Path, options: RepositoryOpt
         for piece in PIECE_NAMES:
             _write_piece(tmp / piece_model(piece), sources[piece], bundle, options, config_pb2, text_format)
         _write_orchestrator(tmp / ORCHESTRATOR, bundle, manifest, options, config_pb2, text_format)
-        _make_shareable(tmp)
-        _replace(tmp, out)
+        replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -256,12 +256,13 @@ def _write_orchestrator(folder: Path, bundle: Path, manifest: Manifest, options:
     (folder / "requirements.txt").write_text("".join(f"{name}\n" for name in packages))
     config = config_pb2.ModelConfig(name=ORCHESTRATOR, backend="python", max_batch_size=options.max_batch_size)
     config.dynamic_batching.max_queue_delay_microseconds = options.max_queue_delay_us
+    def data_type(dtype) -> int:
+        return config_pb2.DataType.Value("TYPE_STRING" if dtype is np.object_ else _TYPES[np.dtype(dtype).name])
+
     for name, dtype, shape, optional in INPUTS:
-        entry = config.input.add(name=name, optional=optional, dims=list(shape))
-        entry.data_type = config_pb2.DataType.Value("TYPE_STRING" if dtype is np.object_ else _TYPES[np.dtype(dtype).name])
+        config.input.add(name=name, optional=optional, dims=list(shape), data_type=data_type(dtype))
     for name, dtype, shape in OUTPUTS:
-        entry = config.output.add(name=name, dims=list(shape))
-        entry.data_type = config_pb2.DataType.Value("TYPE_STRING" if dtype is np.object_ else _TYPES[np.dtype(dtype).name])
+        config.output.add(name=name, dims=list(shape), data_type=data_type(dtype))
     # The orchestrator's own work (resize, normalisation, thresholds, argmax) is numpy on the CPU.
     config.instance_group.add(count=options.instances, kind=config_pb2.ModelInstanceGroup.KIND_CPU)
     parameters = {
@@ -301,19 +302,6 @@ def _check_destination(out: Path) -> None:
         raise ScanError(f"cannot write into {out.parent}: permission denied")
 
 
-def _replace(tmp: Path, out: Path) -> None:
-    """Swap the finished folder into place: `out` is never missing or half-written (an empty folder, or a
-    repository this module wrote, per _check_destination), and the old one goes only after the rename."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def _link_or_copy(source: Path, target: Path) -> None:
     """A hard link where the file system allows (graphs can be gigabytes), a copy otherwise."""
     try:
@@ -322,7 +310,3 @@ def _link_or_copy(source: Path, target: Path) -> None:
         shutil.copyfile(source, target)
 
 
-def _make_shareable(folder: Path) -> None:
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(folder, 0o777 & ~umask)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -25,15 +26,20 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def new_file_mode() -> int:
-    """The mode `open()` gives a new file: 0o666 less the process umask (read without changing it)."""
+def _umask() -> int:
+    """The process umask, read without changing it (os.umask would race with other threads)."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("Umask:"):
-                return 0o666 & ~int(line.split()[1], 8)
+                return int(line.split()[1], 8)
     except (OSError, ValueError):
         pass
-    return 0o644
+    return 0o022
+
+
+def new_file_mode() -> int:
+    """The mode `open()` gives a new file: 0o666 less the process umask."""
+    return 0o666 & ~_umask()
 
 
 def atomic_write(path: Path, write) -> None:
@@ -53,6 +59,26 @@ def atomic_write(path: Path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def replace_folder(built: Path, out: Path) -> None:
+    """Move the finished folder `built` (a sibling of `out`) to `out`: readers never see `out` half-written.
+
+    `built` (from mkdtemp, 0700) gets the mode a plain mkdir would give; an existing `out` is renamed
+    aside, put back if the swap fails, and removed only after the new one is in place.
+    """
+    os.chmod(built, 0o777 & ~_umask())
+    if not out.exists():
+        os.replace(built, out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+    os.replace(out, old)  # a directory may be renamed onto an empty one
+    try:
+        os.replace(built, out)
+    except BaseException:
+        os.replace(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def verify_files(root: Path, records, hashes: bool = True) -> None:

@@ -77,7 +77,8 @@ class RequestHandler:
             names = self._names(None if classes is None else classes[index])
             pixels = self._pixels(image, inputs.get("image_bytes"), index)
             size = pixels.shape[:2]
-            self.segmenter.set_vocabulary(names)
+            if names != self.segmenter.classes:  # most requests repeat the last vocabulary
+                self.segmenter.set_vocabulary(names)
             result = self.segmenter.segment(pixels)
         except ScanError as exc:
             return _refusal(size, count, str(exc))

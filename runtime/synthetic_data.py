@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .datasets import DatasetError, write_label
-from .files import new_file_mode
+from .files import replace_folder
 
 IGNORE = 255
 GENERATOR = "scan-deploy synthetic_data"  # what synthetic.json says, so a rerun may replace the folder
@@ -200,21 +199,6 @@ def _check_target(out: Path) -> None:
                            "previous synthetic dataset (no synthetic.json); choose a new or empty folder")
 
 
-def _replace_folder(built: Path, out: Path) -> None:
-    """Swap the finished folder in; the old one (empty or a previous synthetic set) is removed after."""
-    if not out.exists():
-        os.replace(built, out)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-    os.replace(out, old)  # a directory may be renamed onto an empty one
-    try:
-        os.replace(built, out)
-    except BaseException:
-        os.replace(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def _image_seed(seed: int, index: int) -> int:
     """Independent streams per image (seed 1's image 0 is not seed 0's image 1)."""
     return int(np.random.SeedSequence([int(seed), index]).generate_state(1)[0])
@@ -259,7 +243,6 @@ def write_synthetic_dataset(out: Path, images: int = 64, size: tuple[int, int] =
     out.parent.mkdir(parents=True, exist_ok=True)
     built = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        os.chmod(built, new_file_mode() | (new_file_mode() & 0o444) >> 2)  # mkdtemp's 0700 would hide it from others
         splits = {"train": range(0, images - n_val), "val": range(images - n_val, images)}
         per_split = {name: _write_split(built, name, indices, (height, width), seed) for name, indices in splits.items()}
         summary = {"generator": GENERATOR, "format": 1, "seed": int(seed), "size": [height, width],
@@ -267,7 +250,7 @@ def write_synthetic_dataset(out: Path, images: int = 64, size: tuple[int, int] =
                    "classes": list(SYNTH_CLASSES), "ignore_label": IGNORE, "splits": per_split}
         (built / "classes.json").write_text(json.dumps({"classes": SYNTH_CLASSES, "ignore_label": IGNORE}, indent=1))
         (built / "synthetic.json").write_text(json.dumps(summary, indent=1) + "\n")
-        _replace_folder(built, out)
+        replace_folder(built, out)
     except BaseException:
         shutil.rmtree(built, ignore_errors=True)
         raise
