@@ -15,6 +15,12 @@ app = typer.Typer(
 )
 
 
+# Options of every command that runs a bundle, defined once (docs/runtime.md says how the defaults are chosen).
+BACKEND = typer.Option(None, help="With a bundle: openvino, onnxruntime or tensorrt (default: the fastest here: onnxruntime on a CUDA GPU, else openvino, else onnxruntime).")
+PRECISION = typer.Option(None, help="With a bundle: fp32, bf16 (openvino, CPUs with native BF16), fp16 (GPU) or int8 (CPU; the bundle's int8 pieces). Default: bf16 for openvino where native, else fp32.")
+THREADS = typer.Option(None, help="With a bundle: inference threads of OpenVINO or ONNX Runtime (default: all cores).")
+
+
 def _fail(message: str) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code=2)
@@ -42,9 +48,9 @@ def segment(
     config: Optional[str] = typer.Option(None, help="Official YAML, our JSON, or a preset (tiny, vitb, vitl); a preset alone runs random weights."),
     bundle: Optional[Path] = typer.Option(None, help="Run an exported bundle with the torch-free runtime instead of the PyTorch model."),
     server: Optional[str] = typer.Option(None, help="Send the images to a `scan serve` server instead: host:port (HTTP) or grpc://host:port; its bundle's settings apply."),
-    backend: str = typer.Option("onnxruntime", help="With --bundle: onnxruntime or tensorrt."),
-    precision: str = typer.Option("fp32", help="With --bundle: fp32, fp16 (the bundle's fp16 pieces/engines) or int8 (its int8 pieces; ONNX Runtime on CPU only)."),
-    threads: Optional[int] = typer.Option(None, help="With --bundle: ONNX Runtime threads (default: all cores)."),
+    backend: Optional[str] = BACKEND,
+    precision: Optional[str] = PRECISION,
+    threads: Optional[int] = THREADS,
     save_logits: bool = typer.Option(False, help="Also write <stem>.npz with sem_seg [K,H,W] and classes."),
     no_resize: bool = typer.Option(False, "--no-resize", help="Feed images at their own size (padding to /32 still applies)."),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
@@ -176,7 +182,7 @@ def fuse(
 
 @app.command()
 def bench(
-    backends: str = typer.Option("eager,onnxruntime", help="Comma-separated: eager, onnxruntime, onnxruntime-int8, tensorrt, tensorrt-fp16, ... (backend[-precision])."),
+    backends: str = typer.Option("eager,onnxruntime", help="Comma-separated: eager, onnxruntime, onnxruntime-int8, openvino (bf16 where the CPU has it natively), openvino-fp32, openvino-int8, tensorrt, tensorrt-fp16, ... (backend[-precision])."),
     bundle: Optional[Path] = typer.Option(None, help="An exported bundle (eager is rebuilt from its config: --seed, or --checkpoint for real weights)."),
     preset: Optional[str] = typer.Option(None, help="A preset with seeded random weights, exported once into the user cache."),
     checkpoint: Optional[Path] = typer.Option(None, help="Our .safetensors or an official SCAN.pth (with --config), exported once into the user cache."),
@@ -186,7 +192,7 @@ def bench(
     vocab: str = typer.Option("ade150", help="Comma-separated names, a .txt/.json file, or a preset (ade150, ade847, pc59, ...)."),
     runs: int = typer.Option(3, help="Timed rounds; in each, every image goes through every backend in turn."),
     warmup: int = typer.Option(1, help="Untimed warm-up calls per backend."),
-    threads: Optional[int] = typer.Option(None, help="PyTorch and ONNX Runtime intra-op threads (default: all cores)."),
+    threads: Optional[int] = typer.Option(None, help="PyTorch, ONNX Runtime and OpenVINO threads (default: all cores)."),
     device: str = typer.Option("cpu", help="Device of the eager backend: cpu, cuda or cuda:N."),
     seed: int = typer.Option(0, help="Seed of random weights, generated scenes and the official shift rule."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the full results (benchmarks/SCHEMA.md) to this JSON file."),
@@ -313,9 +319,9 @@ def evaluate_command(
     checkpoint: Optional[Path] = typer.Option(None, help="Evaluate the PyTorch model: our .safetensors or an official SCAN.pth (with --config)."),
     config: Optional[str] = typer.Option(None, help="Official YAML, our JSON, or a preset (a preset alone runs random weights)."),
     bundle: Optional[Path] = typer.Option(None, help="Evaluate an exported bundle with the torch-free runtime instead."),
-    backend: str = typer.Option("onnxruntime", help="With --bundle: onnxruntime or tensorrt."),
-    precision: str = typer.Option("fp32", help="With --bundle: fp32, fp16 or int8."),
-    threads: Optional[int] = typer.Option(None, help="With --bundle: ONNX Runtime threads."),
+    backend: Optional[str] = BACKEND,
+    precision: Optional[str] = PRECISION,
+    threads: Optional[int] = THREADS,
     data_root: Optional[str] = typer.Option(None, help="Root of the benchmark datasets (default: $DETECTRON2_DATASETS, else ./datasets)."),
     split: str = typer.Option("val", help="Split of a generic dataset."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write every metric, per-class IoU and the settings to this JSON file."),
@@ -380,8 +386,8 @@ def triton_repo(
 def serve(
     bundle: Optional[Path] = typer.Option(None, help="The bundle to serve (scan export)."),
     repository: Optional[Path] = typer.Option(None, help="Instead: serve a model repository (scan triton-repo --backend python) on PyTriton's server binary."),
-    backend: str = typer.Option("onnxruntime", help="onnxruntime or tensorrt."),
-    precision: str = typer.Option("fp32", help="fp32, fp16 or int8 (pieces the bundle has)."),
+    backend: Optional[str] = BACKEND,
+    precision: Optional[str] = PRECISION,
     vocab: Optional[str] = typer.Option(None, help="Default vocabulary for requests that send no class names."),
     http_port: int = typer.Option(8000, help="Triton's HTTP port."),
     grpc_port: int = typer.Option(8001, help="Triton's gRPC port."),
@@ -389,7 +395,7 @@ def serve(
     instances: int = typer.Option(1, help="Model instances (each its own Segmenter), run concurrently."),
     max_batch_size: int = typer.Option(4, help="Largest dynamic batch Triton forms from concurrent requests."),
     max_queue_delay_us: int = typer.Option(2000, help="How long Triton waits to fill a batch (microseconds)."),
-    threads: Optional[int] = typer.Option(None, help="ONNX Runtime threads per instance."),
+    threads: Optional[int] = THREADS,
     exit_timeout: int = typer.Option(30, help="On SIGINT/SIGTERM, seconds in-flight requests may take to finish."),
     no_resize: bool = typer.Option(False, "--no-resize", help="Feed images at their own size instead of the bundle's test resize."),
     max_classes: int = typer.Option(1024, help="Refuse requests with more class names than this."),

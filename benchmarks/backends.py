@@ -1,8 +1,9 @@
 """The backends `scan bench` compares, behind one interface: the eager model and the runtime's.
 
 A backend name is `kind` or `kind-precision`: `eager`, `onnxruntime`, `onnxruntime-int8`,
-`tensorrt`, `tensorrt-fp16`, ... The runtime decides which precisions a bundle and a backend
-support (`runtime.Segmenter` raises a ScanError otherwise); the parser here only knows the words.
+`openvino` (bf16 where the CPU has it natively, else fp32: the runtime's default), `openvino-fp32`,
+`openvino-int8`, `tensorrt`, `tensorrt-fp16`, ... The runtime decides which precisions a bundle and
+a backend support (`runtime.Segmenter` raises a ScanError otherwise); the parser only knows the words.
 """
 
 from __future__ import annotations
@@ -19,19 +20,25 @@ from runtime.errors import ScanError
 
 from .memory import device_memory_in_use
 
-KINDS = ("eager", "onnxruntime", "tensorrt")
-PRECISIONS = ("fp32", "fp16", "int8")
-EXAMPLES = "eager, onnxruntime, onnxruntime-fp16, onnxruntime-int8, tensorrt, tensorrt-fp16"
+KINDS = ("eager", "onnxruntime", "openvino", "tensorrt")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+EXAMPLES = ("eager, onnxruntime, onnxruntime-int8, openvino, openvino-fp32, openvino-bf16, openvino-int8, "
+            "tensorrt, tensorrt-fp16")
 
 
 @dataclass(frozen=True)
 class BackendName:
     kind: str
-    precision: str = "fp32"
+    precision: str | None = None  # None: the runtime's default for this kind
 
     @property
     def name(self) -> str:
-        return self.kind if self.precision == "fp32" else f"{self.kind}-{self.precision}"
+        return self.kind if self.precision is None else f"{self.kind}-{self.precision}"
+
+    @property
+    def variant(self) -> str:
+        """The bundle pieces it reads: bf16 (and the default) compile the fp32 pieces."""
+        return "fp32" if self.precision in (None, "bf16") else self.precision
 
 
 def parse_backends(text: str) -> list[BackendName]:
@@ -42,8 +49,9 @@ def parse_backends(text: str) -> list[BackendName]:
     parsed: list[BackendName] = []
     for word in words:
         kind, _, precision = word.partition("-")
-        precision = precision or "fp32"
-        if kind not in KINDS or precision not in PRECISIONS or (kind == "eager" and precision != "fp32"):
+        # fp32 is the default of onnxruntime and tensorrt; openvino's default is bf16 where native.
+        precision = None if not precision or (precision == "fp32" and kind in ("onnxruntime", "tensorrt")) else precision
+        if kind not in KINDS or (precision is not None and precision not in PRECISIONS) or (kind == "eager" and precision):
             raise ScanError(f"unknown backend {word!r}: choose from {EXAMPLES} "
                             f"(a runtime backend takes -{' or -'.join(PRECISIONS)})")
         name = BackendName(kind, precision)
@@ -93,6 +101,8 @@ class RuntimeBackend:
                              resize=resize, report=report)
         self._cache_root = cache_root / self.name
         self.segmenter = self._open(cache_dir=self._cache_root / "main")
+        self.precision = self.segmenter.precision  # what runs (the default resolved, bf16 -> fp32 without native BF16)
+        self.notes = self.segmenter.notes
         runners = self.segmenter.runners.values()
         self.providers = list(dict.fromkeys(p for r in runners for p in getattr(r, "providers", [getattr(r, "backend", name.kind)])))
         self.uses_gpu = name.kind == "tensorrt" or "CUDAExecutionProvider" in self.providers

@@ -43,7 +43,7 @@ def markdown(result: dict) -> str:
         f"{len(inputs['images'])} image(s) at {sizes}{' (after the test resize)' if inputs['resize'] else ''}, "
         f"vocabulary {inputs['vocabulary']['name']} ({inputs['vocabulary']['size']} names), {result['runs']} rounds "
         f"after {result['warmup']} warm-up call(s), threads: {result['threads']['onnxruntime_intra_op']}; "
-        f"{result['machine']['cpu']}, {result['machine']['logical_cores']} logical cores.",
+        f"{result['machine']['cpu']}, {result['machine']['logical_cores']} logical cores{_features(result['machine'])}.",
         "",
     ]
     rows = [[name, b["precision"], _s(b["end_to_end"]["p50"]), _s(b["end_to_end"]["p90"]), _s(b["end_to_end"]["mean"]),
@@ -70,3 +70,14 @@ def markdown(result: dict) -> str:
 
 def _count(value) -> str:
     return "-" if value is None else str(value)
+
+
+def _features(machine: dict) -> str:
+    """'; AVX-512, VNNI, BF16 (no AMX)': the CPU features that decide the CPU backends' speed."""
+    features = machine.get("cpu_features")  # absent in results from before it was recorded
+    if not features:
+        return ""
+    have = [name for name, on in features.items() if on]
+    lacks = [name for name, on in features.items() if not on]
+    return f"; {', '.join(have) or 'no vector extensions'}" + (f" (no {', no '.join(lacks)})" if lacks else "")
+

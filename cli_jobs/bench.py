@@ -34,11 +34,11 @@ def _models(opts: BenchOptions, checked: Checked) -> tuple[dict, object]:
 
     names = checked.names
     if checked.source == "bundle":
-        bundles = {n.precision: opts.bundle for n in names}
+        bundles = {n.variant: opts.bundle for n in names}
     else:  # one export holding the fp32 pieces and every extra precision asked for
-        precision = ",".join(sorted({n.precision for n in names if n.precision != "fp32"})) or "fp32"
+        precision = ",".join(sorted({n.variant for n in names if n.variant != "fp32"})) or "fp32"
         folder = cached_bundle(checked.config, checked.weights, precision, checked.digest, cpu_model, say)
-        bundles = {n.precision: folder for n in names}
+        bundles = {n.variant: folder for n in names}
     if not any(n.kind == "eager" for n in names):
         return bundles, None
     if checked.source != "bundle":
@@ -64,11 +64,11 @@ def run_bench_job(opts: BenchOptions) -> dict:
     inputs = BenchInputs(images, image_names, checked.vocabulary, vocabulary_name, resize)
     plan = BenchPlan(runs=opts.runs, warmup=opts.warmup, threads=checked.threads, seed=opts.seed, sweeps=checked.sweeps)
     model = {"name": checked.config["name"], "source": checked.source, "weights": checked.weights,
-             "bundles": {n.name: str(bundles[n.precision]) for n in checked.names if n.kind != "eager"}}
+             "bundles": {n.name: str(bundles[n.variant]) for n in checked.names if n.kind != "eager"}}
     with tempfile.TemporaryDirectory(prefix="scan-bench-") as cache_root:  # text caches of this run only
         backends = [
             EagerBackend(eager_model, resize, opts.seed) if n.kind == "eager"
-            else RuntimeBackend(n, bundles[n.precision], checked.threads, resize, Path(cache_root), report=say)
+            else RuntimeBackend(n, bundles[n.variant], checked.threads, resize, Path(cache_root), report=say)
             for n in checked.names
         ]
         result = run_bench(backends, inputs, plan, model, report=say)

@@ -8,7 +8,7 @@
 4. `scan eval`: untrained, trained, trained with its unfinetuned CLIP in the ensemble, and fused;
 5. `scan export`: the fused model to a bundle (fp32 pieces, each gated against eager);
 6. `scan eval --bundle` and `scan segment --bundle`: the torch-free runtime on the same data;
-7. `scan bench`: eager PyTorch against ONNX Runtime (and its INT8 pieces when the bundle has them)
+7. `scan bench`: eager PyTorch against ONNX Runtime and OpenVINO (and INT8 pieces when the bundle has them)
    on two val images.
 
 The trained bundle gets no INT8 pieces: on the gate's drawn scenes, which lie outside what `tiny`
@@ -93,7 +93,7 @@ def run_demo(out: Path, preset: str = "tiny", seed: int = 0, bundle: Path | None
     classes = ",".join(json.loads((data / "classes.json").read_text())["classes"])
     written = run_segment(SegmentOptions(images=[inputs / p.name for p in images], vocab=classes, out=out,
                                          bundle=bundle, save_logits=True))
-    backends = "eager,onnxruntime" + (",onnxruntime-int8" if _has_int8(bundle) else "")
+    backends = "eager,onnxruntime,openvino" + (",onnxruntime-int8" if _has_int8(bundle) else "")
     say(f"demo 7/7: scan bench of {backends} on the same images")
     reports = [out / "bench.json", out / "bench.md", out / "bench.png"]
     run_bench_job(BenchOptions(backends=backends, bundle=bundle, checkpoint=checkpoint,

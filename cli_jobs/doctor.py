@@ -67,15 +67,36 @@ def environment_report() -> list[str]:
                          "uninstall one (keep onnxruntime-gpu on GPU hosts)")
     else:
         lines.append(f"  onnxruntime  unavailable: {reason} (pip install onnxruntime, or onnxruntime-gpu on GPU hosts)")
+    lines.extend(openvino_report())
     lines.extend(tensorrt_report())
     lines.append(serve_report())
 
     lines.append("devices:")
+    lines.extend(cpu_report())
     from runtime.tensorrt import gpu_identity
 
     gpu, description = gpu_identity()
     lines.append(f"  cuda         {description if gpu else 'none: ' + description}")
     return lines
+
+
+def openvino_report() -> list[str]:
+    version, reason = _version("openvino")
+    if not version:
+        return [f"  openvino     unavailable: {reason} (pip install openvino)"]
+    return [f"  openvino     {version.split('-')[0]} (CPU plugin; compiled models cached in the user cache folder)"]
+
+
+def cpu_report() -> list[str]:
+    """The CPU's vector features and the backend and precision a bundle would run with by default."""
+    from runtime.choice import choose
+    from runtime.cpu import cpu_info
+
+    cpu = cpu_info()
+    features = ", ".join(f"{name} {'yes' if on else 'no'}" for name, on in cpu.features().items())
+    backend, precision, notes = choose(None, None, cpu)
+    return [f"  cpu          {cpu.model}: {features}",
+            f"  default      --backend {backend} --precision {precision} ({'; '.join(notes)})"]
 
 
 def tensorrt_report() -> list[str]:

@@ -26,8 +26,8 @@ class EvalOptions:
     checkpoint: Path | None = None
     config: str | None = None
     bundle: Path | None = None
-    backend: str = "onnxruntime"
-    precision: str = "fp32"
+    backend: str | None = None  # None: runtime.choice picks
+    precision: str | None = None
     threads: int | None = None
     data_root: str | None = None
     split: str = "val"
@@ -86,7 +86,7 @@ def run_eval(opts: EvalOptions) -> dict:
             shutdown()
     result = report(run.matrix, dataset, settings)
     result.update(model=str(opts.bundle or opts.checkpoint or opts.config),
-                  backend=f"{opts.backend}-{opts.precision}" if opts.bundle else "eager", processes=world,
+                  backend=f"{segmenter.backend}-{segmenter.precision}" if opts.bundle else "eager", processes=world,
                   seconds_per_image=round(run.seconds / max(run.images, 1), 4))
     if rank == 0:
         for line in summary_lines(result):

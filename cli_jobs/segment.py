@@ -28,8 +28,8 @@ class SegmentOptions:
     config: str | None = None
     bundle: Path | None = None
     server: str | None = None  # a `scan serve` server: host:port (HTTP) or grpc://host:port
-    backend: str = "onnxruntime"
-    precision: str = "fp32"
+    backend: str | None = None  # None: runtime.choice picks
+    precision: str | None = None
     threads: int | None = None
     save_logits: bool = False
     resize: bool = True

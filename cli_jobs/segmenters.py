@@ -7,7 +7,7 @@ from runtime.errors import ScanError
 from .common import require_torch, say
 
 
-def open_segmenter(bundle, checkpoint, config, backend: str, precision: str, threads, resize: bool, device: str,
+def open_segmenter(bundle, checkpoint, config, backend: str | None, precision: str | None, threads, resize: bool, device: str,
                    seed: int, command: str):
     """The runtime's `Segmenter` for --bundle, else the eager model's; the model's name; a note for the user."""
     if bundle is not None:
@@ -19,8 +19,9 @@ def open_segmenter(bundle, checkpoint, config, backend: str, precision: str, thr
 
         segmenter = Segmenter(bundle, backend=backend, precision=precision, threads=threads,
                               resize=resize, report=say)
-        return segmenter, segmenter.manifest.model.name, None
-    if backend != "onnxruntime" or precision != "fp32":
+        chosen = f"runtime: {segmenter.backend} {segmenter.precision} ({'; '.join(segmenter.notes)})" if segmenter.notes else None
+        return segmenter, segmenter.manifest.model.name, chosen
+    if backend is not None or precision is not None:
         raise ScanError("--backend and --precision apply to --bundle; the PyTorch model runs with --device")
     if checkpoint is None and config is None:
         raise ScanError("pass --bundle, or --checkpoint (with --config for an official SCAN.pth), or --config PRESET for random weights")

@@ -193,7 +193,7 @@ def pipeline_check(model: ScanModel, root: Path, shapes: list[Shape], precision:
     variants = ("fp32", *check_precision(precision))
     results: dict[str, list[PipelineCheck]] = {v: [] for v in variants}
     with tempfile.TemporaryDirectory(prefix="scan-gate-text-") as cache:
-        runtimes = {v: Segmenter(root, precision=v, resize=False, cache_dir=cache) for v in variants}
+        runtimes = {v: Segmenter(root, backend="onnxruntime", precision=v, resize=False, cache_dir=cache) for v in variants}
         for segmenter in runtimes.values():
             segmenter.set_vocabulary(vocabulary)
         for shape in shapes:

@@ -150,7 +150,8 @@ def dynamic_shapes(piece: str, model: ScanModel) -> dict:
             "shift_keys": {1: masks},
         }
     if piece == "text_encoder":
-        return {"tokens": {0: Dim("prompts", min=1, max=65536)}}
+        context = model.cfg.clip.text["context_length"]
+        return {"tokens": {0: Dim("prompts", min=1, max=65536), 1: Dim("sequence", min=2, max=context)}}
     raise ValueError(f"unknown piece {piece!r}")
 
 

@@ -14,7 +14,7 @@ Pre-processing (normalisation, padding to /32, the nearest 224 squash) and post-
 | clip_adapter   | image (3,h,w) RGB 0..255 unpadded, mask_probs (N,h,w),         | region_logits (N,K+1),          |
 |                | mask_threshold (), shift_tokens (R,C), text_classifier (K+1,E),| valid (N,)                      |
 |                | shift_counts (P+1,) int64, shift_keys (R,N,P) int64            |                                 |
-| text_encoder   | tokens (M,77) int64                                            | text_features (M,E) unnormalised|
+| text_encoder   | tokens (M,L) int64, L <= 77 the longest prompt's length        | text_features (M,E) unnormalised|
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from runtime.settings import random_shift_keys, shift_counts
 from scan_model.clip_towers import patch_foreground, ranked_shift_selection, region_clip_forward
 from scan_model.model import LOGIT_SCALE, ScanModel
+from scan_model.text import encode_tokens
 from scan_model.regions import crop_regions, mask_boxes
 
 
@@ -108,7 +109,7 @@ class TextEncoderPiece(nn.Module):
         self.model = model
 
     def forward(self, tokens: Tensor) -> Tensor:
-        return self.model.clip.encode_text(tokens)
+        return encode_tokens(self.model.clip, tokens)  # (M, L) with L dynamic: the runtime cuts to the longest prompt
 
 
 PIECES = {
@@ -149,10 +150,12 @@ def example_inputs(model: ScanModel, piece: str, height: int, width: int, classe
         keys = torch.from_numpy(random_shift_keys(len(model.cfg.inference.replace_layers), probs.shape[0], patches, rng))
         return image[0], probs, threshold, global_clip.layer_cls[0], text, counts, keys
     if piece == "text_encoder":
-        tokens = torch.randint(1, 49406, (masks, model.cfg.clip.text["context_length"]), generator=gen)
+        # Prompts of 2..19 tokens after SOT, cut to the longest (as the runtime's length batches are).
+        context = model.cfg.clip.text["context_length"]
+        tokens = torch.randint(1, 49406, (masks, context), generator=gen)
         tokens[:, 0] = 49406
         ends = torch.randint(2, 20, (masks,), generator=gen)
         tokens[torch.arange(masks), ends] = 49407
-        tokens[torch.arange(77)[None] > ends[:, None]] = 0
-        return (tokens,)
+        tokens[torch.arange(context)[None] > ends[:, None]] = 0
+        return (tokens[:, : int(ends.max()) + 1].contiguous(),)
     raise ValueError(f"unknown piece {piece!r}; pieces: {', '.join(PIECES)}")

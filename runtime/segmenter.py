@@ -9,6 +9,7 @@ the mask-weighted sum, resize to the input size and a chunked argmax (numpy).
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +26,8 @@ from .result import SegmentationResult
 from .settings import InferenceSettings, benchmark_settings, random_shift_keys, shift_counts, shift_key
 from .vocab import parse_vocabulary
 
-BACKENDS = ("onnxruntime", "tensorrt")
-PRECISIONS = ("fp32", "fp16", "int8")
+BACKENDS = ("onnxruntime", "openvino", "tensorrt")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 PIECE_NAMES = ("image_encoder", "mask_decoder", "clip_adapter", "text_encoder")
 # Bytes of mask probabilities and crop intermediates per CLIP-adapter call: bounds peak memory
 # whatever the number of valid proposals and the image size.
@@ -38,33 +39,52 @@ class Segmenter:
 
     Args:
         bundle: the folder `scan export --out` wrote.
-        backend: "onnxruntime" (CPU, or CUDA with onnxruntime-gpu) or "tensorrt" (the bundle's
-            engines for this GPU and TensorRT version, built on first use when missing).
+        backend: "openvino" (CPU), "onnxruntime" (CPU, or CUDA with onnxruntime-gpu) or "tensorrt"
+            (the bundle's engines for this GPU and TensorRT version, built on first use when
+            missing). None picks the fastest measured path here (`runtime.choice.default_backend`):
+            ONNX Runtime on CUDA where onnxruntime-gpu sees a GPU, else OpenVINO where it is
+            installed, else ONNX Runtime; `self.notes` says which and why.
         providers: ONNX Runtime execution providers (default: CUDA where available, then CPU).
-        threads: intra-op threads of ONNX Runtime (default: all cores).
-        precision: "fp32", "fp16" for the bundle's fp16 pieces/engines, or "int8" for its int8
-            pieces (ONNX Runtime on CPU; pieces without an int8 variant run fp32).
+        threads: inference threads of ONNX Runtime or OpenVINO (default: all cores).
+        precision: "fp32"; "bf16" (OpenVINO on a CPU with native BF16; elsewhere it runs fp32 and
+            says so); "fp16" for the bundle's fp16 pieces/engines; "int8" for its int8 pieces (CPU;
+            pieces without an int8 variant run fp32). None: bf16 for OpenVINO where the CPU has
+            native BF16, else fp32.
         graph_optimization: ONNX Runtime's level: disable, basic, extended or all.
         resize: apply the official test resize (shortest edge 640, long edge at most 2560);
             False feeds images at their own size (padding to /32 still applies).
         verify: "hash" checks every file's size and sha256 against the manifest, "size" only sizes.
-        cache_dir: root of the persistent text-embedding cache (default: the user cache folder).
-        report: where progress lines go (TensorRT engine builds).
+        cache_dir: root of the persistent caches, text embeddings and OpenVINO's compiled models
+            (default: the user cache folder).
+        report: where progress and fallback lines go (engine builds, OpenVINO fallbacks; default
+            standard error).
+        cpu: the CPU OpenVINO plans for (default: `runtime.cpu.cpu_info()`, this machine's).
         runners: the pieces run elsewhere: a mapping from each piece name to an object whose
             `run(feeds) -> outputs` takes and returns numpy arrays by the piece's tensor names (the
             model repository's orchestrator passes its Triton models); the bundle then needs no
             piece files, and backend/providers/threads/graph_optimization do not apply.
     """
 
-    def __init__(self, bundle: str | Path, backend: str = "onnxruntime", providers=None, threads: int | None = None,
-                 precision: str = "fp32", graph_optimization: str = "all", resize: bool = True, verify: str = "hash",
-                 cache_dir: str | Path | None = None, report=None, runners: dict | None = None):
+    def __init__(self, bundle: str | Path, backend: str | None = None, providers=None, threads: int | None = None,
+                 precision: str | None = None, graph_optimization: str = "all", resize: bool = True, verify: str = "hash",
+                 cache_dir: str | Path | None = None, report=None, runners: dict | None = None, cpu=None):
+        from .choice import choose
+
+        if runners:  # the pieces run elsewhere: nothing to choose
+            backend, precision, self._choice = backend or "onnxruntime", precision or "fp32", []
+        else:
+            backend, precision, self._choice = choose(backend, precision, cpu)
         if backend not in BACKENDS:
             raise ScanError(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}")
         if precision not in PRECISIONS:
             raise ScanError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
         if precision == "int8" and backend == "tensorrt":
-            raise ScanError("precision int8 is for ONNX Runtime on CPU: use --backend onnxruntime, or fp16/fp32 with tensorrt")
+            raise ScanError("precision int8 is for the CPU: use --backend openvino or onnxruntime, or fp16/fp32 with tensorrt")
+        if precision == "bf16" and backend != "openvino":
+            raise ScanError(f"precision bf16 runs on --backend openvino (CPUs with native BF16), not {backend}")
+        if precision == "fp16" and backend == "openvino":
+            raise ScanError("precision fp16 is for GPUs (--backend tensorrt or onnxruntime with CUDA); "
+                            "on the CPU use --backend openvino with bf16, fp32 or int8")
         if verify not in ("hash", "size"):
             raise ScanError(f"verify {verify!r}: choose hash or size")
         self.root = Path(bundle)
@@ -75,14 +95,17 @@ class Segmenter:
         missing = [p for p in PIECE_NAMES if p not in self.manifest.pieces]
         if missing:
             raise ScanError(f"bundle {self.root} lacks the piece(s) {', '.join(missing)}: export the whole model with `scan export`")
-        self.manifest.check_variant(precision)
-        files = [] if runners else [f for p in PIECE_NAMES for f in self.manifest.pieces[p].variant(precision).files()]
+        variant = "fp32" if precision == "bf16" else precision  # bf16 compiles the fp32 pieces
+        self.manifest.check_variant(variant)
+        self._variant = variant
+        files = [] if runners else [f for p in PIECE_NAMES for f in self.manifest.pieces[p].variant(variant).files()]
         verify_files(self.root, [*files, self.manifest.tokenizer.bpe, *self.manifest.text_caches.values()],
                      hashes=verify == "hash")
         if runners and set(runners) != set(PIECE_NAMES):
             raise ScanError(f"runners for {sorted(runners)}: give one for each of {', '.join(PIECE_NAMES)}")
+        self._report = report or _to_stderr  # progress and warnings never mix with a caller's stdout
         self.runners = dict(runners) if runners else self._open(backend, providers, threads, graph_optimization,
-                                                               report or print)
+                                                               self._report, cache_dir, cpu)
         self._text = self._text_embedder(cache_dir)
         inf = self.manifest.inference
         self.settings = InferenceSettings(
@@ -95,18 +118,44 @@ class Segmenter:
         self.classes: list[str] = []
 
     # -- set-up ------------------------------------------------------------------------------
-    def _open(self, backend, providers, threads, optimization, report) -> dict:
+    def _open(self, backend, providers, threads, optimization, report, cache_dir, cpu) -> dict:
         if backend == "tensorrt":
             from .trt_engine import open_engines
 
             return open_engines(self.root, self.manifest, self.precision, report=report)
+        pieces = {name: self.manifest.pieces[name].variant(self._variant) for name in PIECE_NAMES}
+        if backend == "openvino":
+            from .cpu import cpu_info
+            from .openvino_backend import OpenVinoRunner, resolve_precision
+
+            cpu = cpu or cpu_info()
+            precision, note = resolve_precision(self.precision, cpu)
+            if note:
+                self._choice.append(note)
+                report(f"note: {note}")
+            self.precision = precision
+            runners = {
+                name: OpenVinoRunner(name, self.root / piece.file, piece.sha256, precision, threads,
+                                     cache_dir, cpu, report)
+                for name, piece in pieces.items()
+            }
+            return runners
         from .onnxruntime_backend import OnnxRuntimeRunner
 
         return {
-            name: OnnxRuntimeRunner(name, self.root / self.manifest.pieces[name].variant(self.precision).file, providers,
-                                    threads, optimization, self.precision)
-            for name in PIECE_NAMES
+            name: OnnxRuntimeRunner(name, self.root / piece.file, providers, threads, optimization, self.precision)
+            for name, piece in pieces.items()
         }
+
+    @property
+    def notes(self) -> list[str]:
+        """How backend and precision were chosen, and every piece that fell back (never silent)."""
+        return [*self._choice, *self.fallbacks.values()]
+
+    @property
+    def fallbacks(self) -> dict[str, str]:
+        """Pieces that run at another precision or setting than asked, and why (OpenVINO)."""
+        return {name: r.fallback for name, r in self.runners.items() if getattr(r, "fallback", None)}
 
     def _text_embedder(self, cache_dir):
         from .text import TextEmbedder
@@ -243,6 +292,10 @@ class _Proposals:
     class_logits: np.ndarray  # (Q, K+1) calibrated in-vocabulary logits
     probs: np.ndarray  # (Q, h, w) mask probabilities at the resized image size
     shift_tokens: np.ndarray  # (R, C) original-CLIP CLS tokens at the replace layers
+
+
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 class _Clock:

@@ -40,8 +40,8 @@ class ServeError(ScanError):
 @dataclass
 class ServeConfig:
     bundle: Path
-    backend: str = "onnxruntime"
-    precision: str = "fp32"
+    backend: str | None = None  # None: runtime.choice picks
+    precision: str | None = None
     threads: int | None = None  # ONNX Runtime threads per instance
     resize: bool = True  # the bundle's test resize; False feeds images at their own size
     vocab: str | None = None  # default vocabulary (requests may send their own)

@@ -105,6 +105,7 @@ class ShapeRanges:
     classes: tuple[int, int, int] = (1, 150, 1024)  # K, without the non-object row
     masks: tuple[int, int, int] = (1, 32, 100)  # regions per call of the CLIP adapter
     prompts: tuple[int, int, int] = (1, 14 * 16, 14 * 256)  # text-encoder batch
+    sequence: tuple[int, int, int] = (2, 16, 77)  # tokens per prompt, cut to the batch's longest
 
     def __post_init__(self) -> None:
         for name, (low, opt, high) in asdict(self).items():
@@ -143,7 +144,7 @@ def _axis_ranges(piece: str, ranges: ShapeRanges) -> dict[str, dict[int, tuple[i
             "shift_keys": {1: ranges.masks},
         }
     if piece == "text_encoder":
-        return {"tokens": {0: ranges.prompts}}
+        return {"tokens": {0: ranges.prompts, 1: ranges.sequence}}
     raise ValueError(f"unknown piece {piece!r}")
 
 

@@ -33,6 +33,7 @@ from filelock import FileLock
 from .errors import BundleError, ScanError
 from .files import atomic_write, sha256_file, user_cache_root
 from .manifest import Manifest
+from .tokenizer import length_batches
 
 MAGIC = b"SCANTXT1"
 SUFFIX = ".shard"
@@ -90,6 +91,9 @@ class TextEmbedder:
         self.encoder_calls = 0
         self.prompts_encoded = 0
         out = next((o for o in piece.outputs if o.name == "text_features"), None)
+        tokens = next((i for i in piece.inputs if i.name == "tokens"), None)
+        # Bundles from before the cut have a fixed 77-token axis: they get full rows.
+        self.cut_to_longest = bool(tokens and len(tokens.shape) == 2 and not isinstance(tokens.shape[1], int))
         self.dim: int | None = out.shape[-1] if out and out.shape and isinstance(out.shape[-1], int) else None
         # Bundle caches made by this encoder with these templates, loaded one at a time on a miss.
         self._bundle_caches = [
@@ -287,9 +291,7 @@ class TextEmbedder:
             chunk = names[start : start + group]
             # Template-major, as scan_model.text.prompts: index i*len(chunk)+k is templates[i](chunk[k]).
             prompts = [template.format(name) for template in self.templates for name in chunk]
-            features = np.concatenate(
-                [self._run(prompts[i : i + self.batch_size]) for i in range(0, len(prompts), self.batch_size)]
-            ).astype(np.float64)
+            features = self._run(np.ascontiguousarray(self.tokenize(prompts), dtype=np.int64)).astype(np.float64)
             features /= np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
             mean = features.reshape(t, len(chunk), -1).mean(axis=0)
             rows = (mean / np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-12)).astype(np.float32)
@@ -299,14 +301,25 @@ class TextEmbedder:
                 self._write_shard(pending, np.stack([self._known[n] for n in pending]))
                 pending = []
 
-    def _run(self, prompts: list[str]) -> np.ndarray:
-        tokens = np.ascontiguousarray(self.tokenize(prompts), dtype=np.int64)
-        features = np.asarray(self.encode_tokens(tokens))
-        self.encoder_calls += 1
-        self.prompts_encoded += len(prompts)
-        if features.ndim != 2 or features.shape[0] != len(prompts) or (self.dim and features.shape[1] != self.dim):
-            raise BundleError(f"text encoder gave shape {features.shape} for {len(prompts)} prompts: "
-                              "the text_encoder piece is broken; re-export the bundle")
-        if not np.isfinite(features).all():
-            raise BundleError("text encoder gave non-finite features: re-export the bundle, or use fp32 for text")
+    def _run(self, tokens: np.ndarray) -> np.ndarray:
+        """(n, E) features of n token rows, in batches of at most `batch_size` prompts: sorted by
+        length and cut to each batch's longest prompt where the piece takes any length (exact)."""
+        if self.cut_to_longest:
+            batches = length_batches(tokens, self.batch_size)
+        else:
+            batches = ((np.arange(i, min(i + self.batch_size, len(tokens))), tokens[i : i + self.batch_size])
+                       for i in range(0, len(tokens), self.batch_size))
+        features = None
+        for rows, batch in batches:
+            out = np.asarray(self.encode_tokens(batch))
+            self.encoder_calls += 1
+            self.prompts_encoded += len(rows)
+            if out.ndim != 2 or out.shape[0] != len(rows) or (self.dim and out.shape[1] != self.dim):
+                raise BundleError(f"text encoder gave shape {out.shape} for {len(rows)} prompts: "
+                                  "the text_encoder piece is broken; re-export the bundle")
+            if not np.isfinite(out).all():
+                raise BundleError("text encoder gave non-finite features: re-export the bundle, or use fp32 for text")
+            if features is None:
+                features = np.empty((len(tokens), out.shape[1]), dtype=out.dtype)
+            features[rows] = out
         return features

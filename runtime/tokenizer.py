@@ -165,3 +165,26 @@ class ClipTokenizer:
                     i += 1
             symbols = merged
         return tuple(self._ids[s] for s in symbols)
+
+
+def prompt_lengths(tokens: np.ndarray) -> np.ndarray:
+    """Tokens per row up to and including EOT (the largest id, so its position is the argmax)."""
+    return np.asarray(tokens).argmax(axis=1) + 1
+
+
+def length_batches(tokens: np.ndarray, batch_size: int):
+    """Rows grouped by prompt length, each group cut to its longest prompt.
+
+    CLIP's text tower is causal and pools at EOT, so the positions after a prompt's EOT never
+    reach its feature: dropping them is exact, and short prompts no longer pay for 77 positions.
+    Yields (row indices into `tokens`, their tokens cut to the batch's longest prompt), at most
+    `batch_size` rows each, shortest first; the order is stable, so the result is deterministic.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, got {batch_size}")
+    tokens = np.asarray(tokens)
+    lengths = prompt_lengths(tokens)
+    order = np.argsort(lengths, kind="stable")
+    for start in range(0, order.size, batch_size):
+        rows = order[start : start + batch_size]
+        yield rows, np.ascontiguousarray(tokens[rows, : int(lengths[rows].max())])

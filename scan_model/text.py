@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from runtime.tokenizer import length_batches
+
 # VILD_PROMPT of the official text_template.py, verbatim and in order (some lack the period).
 VILD_TEMPLATES: tuple[str, ...] = (
     "a photo of a {}.",
@@ -57,6 +59,27 @@ def prompts(names: Sequence[str], templates: Sequence[str] = VILD_TEMPLATES) -> 
     return [template.format(name) for template in templates for name in names]
 
 
+def encode_tokens(clip_model: open_clip.CLIP, tokens: Tensor) -> Tensor:
+    """``clip_model.encode_text`` for token rows of any length L <= 77 (unnormalised (n, E)).
+
+    The text tower is causal and pools at EOT (the largest id), so rows cut after their longest
+    prompt's EOT give the same features as the 77-token rows; only the positional embedding and the
+    causal mask are sliced to L. This is what the ``text_encoder`` piece exports, with L dynamic.
+    """
+    if getattr(clip_model, "text_pool_type", "argmax") != "argmax":  # other pools may read later positions
+        return clip_model.encode_text(F.pad(tokens, (0, CONTEXT_LENGTH - tokens.shape[1])))
+    length = tokens.shape[1]
+    cast = clip_model.transformer.get_cast_dtype()
+    x = clip_model.token_embedding(tokens).to(cast) + clip_model.positional_embedding[:length].to(cast)
+    x = clip_model.transformer(x, attn_mask=clip_model.attn_mask[:length, :length])
+    x = clip_model.ln_final(x)
+    x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
+    projection = clip_model.text_projection
+    if projection is None:
+        return x
+    return projection(x) if isinstance(projection, torch.nn.Module) else x @ projection
+
+
 @torch.no_grad()
 def encode_prompts(
     clip_model: open_clip.CLIP,
@@ -66,14 +89,19 @@ def encode_prompts(
 ) -> Tensor:
     """Per-template text features, NOT normalised: (T, K, E) = ``encode_text`` of each prompt.
 
-    Prompts of all names and templates are encoded together in batches of at most ``batch_size``.
+    Prompts of all names and templates are sorted by length and encoded in batches of at most
+    ``batch_size``, each cut to its longest prompt (``runtime.tokenizer.length_batches``, the
+    runtime's rule too): exact, and several times faster than 77 positions for class names.
     """
     tokens = tokenize(prompts(names, templates))
     device = next(clip_model.parameters()).device
-    features = [
-        clip_model.encode_text(chunk.to(device)) for chunk in torch.split(tokens, batch_size)
-    ]
-    return torch.cat(features).view(len(templates), len(names), -1)
+    features = None
+    for rows, batch in length_batches(tokens.numpy(), batch_size):
+        out = encode_tokens(clip_model, torch.from_numpy(batch).to(device))
+        if features is None:
+            features = out.new_empty((tokens.shape[0], out.shape[1]))
+        features[torch.from_numpy(rows).to(device)] = out
+    return features.view(len(templates), len(names), -1)
 
 
 def encode_class_names(

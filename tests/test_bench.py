@@ -95,6 +95,11 @@ def test_backend_names():
     assert [n.name for n in parse_backends("eager, onnxruntime,onnxruntime-int8,tensorrt-fp16")] == [
         "eager", "onnxruntime", "onnxruntime-int8", "tensorrt-fp16"]
     assert parse_backends("onnxruntime-fp32")[0].name == "onnxruntime"
+    # openvino alone is the runtime's default precision (bf16 where native): -fp32 is another backend.
+    openvino = parse_backends("openvino,openvino-fp32,openvino-bf16,openvino-int8")
+    assert [(n.name, n.precision, n.variant) for n in openvino] == [
+        ("openvino", None, "fp32"), ("openvino-fp32", "fp32", "fp32"), ("openvino-bf16", "bf16", "fp32"),
+        ("openvino-int8", "int8", "int8")]
     for bad, needle in (("pytorch", "choose from eager, onnxruntime"), ("eager-fp16", "unknown backend"),
                         ("onnxruntime,onnxruntime", "twice"), ("", "empty")):
         with pytest.raises(ScanError, match=needle):

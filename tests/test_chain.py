@@ -69,7 +69,7 @@ def test_synth_train_finetune_fuse_eval(chain):
 def test_fused_model_exports_and_the_runtime_evaluates_it_like_eager(chain):
     bundle, deployed_json = chain["root"] / "bundle", chain["root"] / "bundle.json"
     _cli("export", "--checkpoint", chain["fused"], "--out", bundle)
-    _cli("eval", "--bundle", bundle, "--dataset", chain["data"], "--json", deployed_json, "--no-progress")
+    _cli("eval", "--bundle", bundle, "--backend", "onnxruntime", "--dataset", chain["data"], "--json", deployed_json, "--no-progress")
     eager, deployed = json.loads(chain["eager"].read_text()), json.loads(deployed_json.read_text())
     assert deployed["settings"]["ensemble_weight"] == 0.7
     assert eager["pixels"] == deployed["pixels"] > 0

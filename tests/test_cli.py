@@ -180,7 +180,8 @@ def test_demo(tmp_path, tiny_bundle):
     for name in ("bench.json", "bench.md", "bench.png", "eval_bundle.json", "demo_summary.json"):
         assert (out / name).is_file(), name
     bench = json.loads((out / "bench.json").read_text())
-    assert set(bench["backends"]) == {"eager", "onnxruntime", "onnxruntime-int8"}
+    assert set(bench["backends"]) == {"eager", "onnxruntime", "openvino", "onnxruntime-int8"}
+    assert bench["machine"]["cpu_features"].keys() == {"AVX2", "AVX-512", "VNNI", "BF16", "AMX"}
     assert bench["backends"]["onnxruntime"]["label_agreement"]["min"] >= 0.999
     assert "| onnxruntime-int8 |" in result.output  # the table is printed
     summary = json.loads((out / "demo_summary.json").read_text())

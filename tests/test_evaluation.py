@@ -38,7 +38,7 @@ def test_bundle_and_eager_agree_on_the_same_data(small_val, tiny_bundle, tmp_pat
     result = _cli("eval", "--config", "tiny", "--device", "cpu", "--json", eager, *common)
     assert result.exit_code == 0, result.output
     assert "mIoU" in result.stdout
-    result = _cli("eval", "--bundle", tiny_bundle.path, "--json", deployed, *common)
+    result = _cli("eval", "--bundle", tiny_bundle.path, "--backend", "onnxruntime", "--json", deployed, *common)
     assert result.exit_code == 0, result.output
     a, b = json.loads(eager.read_text()), json.loads(deployed.read_text())
     assert a["images"] == b["images"] == 2 and a["pixels"] == b["pixels"] > 0

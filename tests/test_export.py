@@ -145,7 +145,7 @@ def test_pipeline_gate_excuses_only_flips_within_rounding_of_the_threshold(tiny_
     from runtime.synthetic import synthetic_scene
 
     names = ["sky", "grass", "house", "sun", "ball"]
-    segmenter = Segmenter(tiny_bundle.path, resize=False, cache_dir=tmp_path)
+    segmenter = Segmenter(tiny_bundle.path, backend="onnxruntime", resize=False, cache_dir=tmp_path)
     segmenter.set_vocabulary(names)
     image = synthetic_scene(96, 128, seed=3)
     with torch.no_grad():

@@ -7,8 +7,8 @@ accepts ONNX Runtime within `max(tolerance, SENSITIVITY_MULTIPLE x sensitivity)`
 must still fail, naming the piece and the output.
 
 The ill-conditioned model is an official-format checkpoint (tests/official_format.py) with the
-weights of seed ILL_CONDITIONED_SEED, whose mask decoder a fixed 1e-3 tolerance refuses at the
-bundle's third parity shape.
+weights of seed ILL_CONDITIONED_SEED, whose mask decoder moves by more than 1e-3 under rounding
+noise at the bundle's third parity shape, so that a fixed 1e-3 tolerance refuses sound graphs there.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from runtime.manifest import ParityRecord
 from scan_model.loading import load_model
 
 TOLERANCE = 1e-3  # DESIGN.md: each piece within 1e-3 relative of eager, or a stated multiple of its sensitivity
-ILL_SHAPE = Shape(384, 256, 17, 12)  # the bundle's third parity shape, where the fixed tolerance refuses
+ILL_SHAPE = Shape(384, 256, 17, 12)  # the bundle's third parity shape, where eager moves beyond the tolerance
 SMALL = Shape(64, 96, 3, 2)
 VOCAB = "cup,saucer,spoon,coffee,table,wall,plate,person,cat,tree,sky,grass"
 
@@ -125,13 +125,22 @@ def _scale_initializer(pick, factor: float):
 
 
 # -- (a) the ill-conditioned official-format checkpoint passes, with both numbers recorded ----------
-def test_fixed_tolerance_refuses_the_ill_conditioned_mask_decoder_as_in_the_issue(ill_conditioned):
+# The ill-conditioning belongs to the weights: eager moves beyond 1e-3 under float-rounding noise at
+# ILL_SHAPE on every CPU. Whether ONNX Runtime's kernels land on the other side of a flipped block
+# belongs to the CPU (above 1e-3 on the Intel Xeon where the issue was found, 1.4e-6 on an AMD EPYC),
+# so no test rests on ONNX Runtime's own difference being large.
+def test_a_fixed_tolerance_refuses_a_graph_that_differs_only_as_much_as_eager_moves_under_rounding(ill_conditioned):
     _, record = ill_conditioned
     (parity,) = record.parity
     print(f"{parity.shape}: ORT {parity.max_rel}, eager sensitivity {parity.eager_sensitivity}")
-    assert max(parity.max_rel.values()) > TOLERANCE
+    assert max(parity.eager_sensitivity.values()) > TOLERANCE
+    # A graph whose every output differs from eager exactly as much as eager moves under 1e-7 noise:
+    # a sound export on some CPU. The fixed gate refuses it, the sensitivity gate passes it.
+    rounding_only = replace(parity, max_rel=dict(parity.eager_sensitivity))
+    judged = replace(record, parity=[rounding_only])
     with pytest.raises(ExportError, match=r"mask_decoder: ONNX Runtime differs from eager beyond 0\.001: 384x256 K=17 N=12 "):
-        parity_gate(record, TOLERANCE, multiple=0.0, exact=())
+        parity_gate(judged, TOLERANCE, multiple=0.0, exact=())
+    parity_gate(judged, TOLERANCE)
 
 
 def test_gate_accepts_the_ill_conditioned_mask_decoder_within_a_multiple_of_its_sensitivity(ill_conditioned):
@@ -230,9 +239,12 @@ def test_cli_export_of_ill_conditioned_official_checkpoint(official_export):
         assert set(entry["max_rel"]) == set(entry["eager_sensitivity"]) == {"class_logits", "mask_logits"}
         for name, ort in entry["max_rel"].items():
             assert ort <= max(TOLERANCE, SENSITIVITY_MULTIPLE * entry["eager_sensitivity"][name])
-    # The case the fixed gate refused is in the record, explained by eager's own movement.
+    # The shape where a fixed gate refuses sound graphs is in the record, with eager's own movement
+    # there beyond the tolerance (ONNX Runtime's difference there depends on the CPU: see above).
     (ill,) = [p for p in parity if p["shape"] == ILL_SHAPE.label()]
-    assert max(ill["max_rel"].values()) > TOLERANCE and max(ill["eager_sensitivity"].values()) > TOLERANCE
+    assert max(ill["eager_sensitivity"].values()) > TOLERANCE
+    assert all(ort <= SENSITIVITY_MULTIPLE * ill["eager_sensitivity"][name] or ort <= TOLERANCE
+               for name, ort in ill["max_rel"].items())
     for name, piece in manifest["pieces"].items():
         assert all(entry["eager_sensitivity"] for entry in piece["parity"]), name
     # The end-to-end label gate decided, and is recorded.

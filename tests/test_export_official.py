@@ -39,7 +39,7 @@ def bundle(official_dev, tmp_path_factory):
 
 
 def test_official_pieces_pass_parity_at_three_shapes(bundle):
-    segmenter = Segmenter(bundle)
+    segmenter = Segmenter(bundle, backend="onnxruntime")
     # The end-to-end gate: at 128x160 two mask pixels of this model lie within 2e-7 of the threshold
     # and land on the other side in the runtime; resolved, the labels are identical.
     checks = segmenter.manifest.pipeline_check["fp32"]
@@ -54,7 +54,7 @@ def test_official_pieces_pass_parity_at_three_shapes(bundle):
 
 def test_runtime_reproduces_official_sem_seg(bundle, official_dev, tmp_path):
     exp = official_dev.expected
-    segmenter = Segmenter(bundle, resize=False, cache_dir=tmp_path)
+    segmenter = Segmenter(bundle, backend="onnxruntime", resize=False, cache_dir=tmp_path)
     segmenter.set_vocabulary(official_dev.classes)
     assert segmenter.text_encoder_calls == 0  # the bundle caches this vocabulary
     assert rel_diff(torch.from_numpy(segmenter._classifier), exp["text_features"]) <= 1e-4

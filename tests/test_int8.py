@@ -58,7 +58,7 @@ def test_int8_files_are_really_quantised(tiny_bundle):
 def test_int8_runtime_agrees_with_eager_and_fp32(tiny_bundle, tiny_model, tmp_path):
     from scan_model.segmenter import EagerSegmenter
 
-    runtimes = {p: Segmenter(tiny_bundle.path, precision=p, resize=False, cache_dir=tmp_path) for p in ("fp32", "int8")}
+    runtimes = {p: Segmenter(tiny_bundle.path, backend="onnxruntime", precision=p, resize=False, cache_dir=tmp_path) for p in ("fp32", "int8")}
     eager = EagerSegmenter(tiny_model, resize=False)
     for segmenter in (*runtimes.values(), eager):
         segmenter.set_vocabulary(NAMES)
@@ -138,10 +138,10 @@ def test_bad_precision_on_the_command_line(tmp_path):
 
 
 def test_runtime_refuses_int8_where_it_cannot_run(tiny_bundle, tmp_path):
-    with pytest.raises(ScanError, match="int8 is for ONNX Runtime on CPU"):
+    with pytest.raises(ScanError, match="int8 is for the CPU"):
         Segmenter(tiny_bundle.path, backend="tensorrt", precision="int8")
-    with pytest.raises(ScanError, match="choose one of fp32, fp16, int8"):
-        Segmenter(tiny_bundle.path, precision="int4")
+    with pytest.raises(ScanError, match="choose one of fp32, fp16, bf16, int8"):
+        Segmenter(tiny_bundle.path, backend="onnxruntime", precision="int4")
     # A bundle exported without int8 (an older schema-2 manifest has no int8 fields at all).
     copy = tmp_path / "no_int8"
     copy.mkdir()
@@ -154,9 +154,9 @@ def test_runtime_refuses_int8_where_it_cannot_run(tiny_bundle, tmp_path):
     (copy / MANIFEST).write_text(json.dumps(manifest))
     assert all(p.int8 is None for p in read_manifest(copy).pieces.values())
     with pytest.raises(BundleError, match=r"scan export --precision int8") as info:
-        Segmenter(copy, precision="int8")
+        Segmenter(copy, backend="onnxruntime", precision="int8")
     assert "\n" not in str(info.value)
-    Segmenter(copy, precision="fp16", cache_dir=tmp_path)  # the other variants still run
+    Segmenter(copy, backend="onnxruntime", precision="fp16", cache_dir=tmp_path)  # the other variants still run
 
 
 def test_doctor_lists_the_variants(tiny_bundle):

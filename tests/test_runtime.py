@@ -24,7 +24,7 @@ AGREEMENT = 0.999  # DESIGN.md: identical labels on >= 99.9% of pixels (fp32)
 
 @pytest.fixture(scope="module")
 def runtime_segmenter(tiny_bundle, tmp_path_factory):
-    segmenter = Segmenter(tiny_bundle.path, resize=False, cache_dir=tmp_path_factory.mktemp("text_cache"))
+    segmenter = Segmenter(tiny_bundle.path, backend="onnxruntime", resize=False, cache_dir=tmp_path_factory.mktemp("text_cache"))
     segmenter.set_vocabulary(NAMES)
     return segmenter
 
@@ -78,10 +78,10 @@ def test_two_benchmark_settings_on_one_bundle(runtime_segmenter, eager_segmenter
 
 def test_official_shift_rule_is_seeded_and_random(runtime_segmenter):
     image = synthetic_scene(96, 128, seed=6)
-    first = Segmenter(runtime_segmenter.root, resize=False, cache_dir=None)
+    first = Segmenter(runtime_segmenter.root, backend="onnxruntime", resize=False, cache_dir=None)
     first.set_vocabulary(NAMES)
     a = first.segment(image, return_scores=True, shift_rule="official", replace_ratio=0.5).sem_seg
-    again = Segmenter(runtime_segmenter.root, resize=False)
+    again = Segmenter(runtime_segmenter.root, backend="onnxruntime", resize=False)
     again.set_vocabulary(NAMES)
     b = again.segment(image, return_scores=True, shift_rule="official", replace_ratio=0.5).sem_seg
     c = again.segment(image, return_scores=True, shift_rule="official", replace_ratio=0.5).sem_seg
@@ -90,7 +90,7 @@ def test_official_shift_rule_is_seeded_and_random(runtime_segmenter):
 
 
 def test_segment_batch_and_resize(tiny_bundle):
-    segmenter = Segmenter(tiny_bundle.path)
+    segmenter = Segmenter(tiny_bundle.path, backend="onnxruntime")
     segmenter.set_vocabulary("voc20")
     images = [synthetic_scene(48, 64, seed=1), synthetic_scene(64, 48, seed=2)]
     results = segmenter.segment_batch(images)
@@ -105,7 +105,7 @@ def test_runtime_needs_no_torch(tiny_bundle, tmp_path):
 import sys
 import runtime
 from runtime.synthetic import synthetic_scene
-segmenter = runtime.Segmenter({str(tiny_bundle.path)!r}, cache_dir={str(tmp_path)!r})
+segmenter = runtime.Segmenter({str(tiny_bundle.path)!r}, backend="onnxruntime", cache_dir={str(tmp_path)!r})
 segmenter.set_vocabulary(["sky", "grass", "house"])
 result = segmenter.segment(synthetic_scene(64, 96, seed=1))
 assert result.label_map.shape == (64, 96), result.label_map.shape
@@ -130,17 +130,17 @@ def test_missing_and_altered_files_are_named(tiny_bundle, tmp_path):
     copy = _copy(tiny_bundle.path, tmp_path)
     (copy / "mask_decoder.onnx").unlink()
     with pytest.raises(BundleError, match="missing mask_decoder.onnx"):
-        Segmenter(copy)
+        Segmenter(copy, backend="onnxruntime")
     shutil.copyfile(tiny_bundle.path / "mask_decoder.onnx", copy / "mask_decoder.onnx")
     data = bytearray((copy / "clip_adapter.onnx").read_bytes())
     data[len(data) // 2] ^= 0xFF
     (copy / "clip_adapter.onnx").write_bytes(bytes(data))
     with pytest.raises(BundleError, match="clip_adapter.onnx does not match its sha256"):
-        Segmenter(copy)
+        Segmenter(copy, backend="onnxruntime")
     with open(copy / "clip_adapter.onnx", "ab") as handle:
         handle.write(b"x")
     with pytest.raises(BundleError, match="clip_adapter.onnx has .* bytes"):
-        Segmenter(copy, verify="size")
+        Segmenter(copy, backend="onnxruntime", verify="size")
 
 
 @pytest.mark.parametrize("change, needle", [
@@ -155,7 +155,7 @@ def test_manifest_problems_are_one_line(tiny_bundle, tmp_path, change, needle):
     change(manifest)
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match=needle) as info:
-        Segmenter(copy)
+        Segmenter(copy, backend="onnxruntime")
     assert "\n" not in str(info.value)
 
 
@@ -163,7 +163,7 @@ def test_image_extremes(runtime_segmenter, tiny_bundle):
     tiny = np.full((1, 1, 3), 200, dtype=np.uint8)
     result = runtime_segmenter.segment(tiny)
     assert result.label_map.shape == (1, 1)
-    resized = Segmenter(tiny_bundle.path)
+    resized = Segmenter(tiny_bundle.path, backend="onnxruntime")
     resized.set_vocabulary(NAMES)
     big = np.zeros((10000, 10000, 3), dtype=np.uint8)
     big[:, 5000:] = (90, 160, 60)
@@ -177,7 +177,7 @@ def test_vocabulary_edge_cases(tiny_bundle, tmp_path):
     from runtime.manifest import read_manifest
     from runtime.text import TextEmbedder
 
-    segmenter = Segmenter(tiny_bundle.path, cache_dir=tmp_path)
+    segmenter = Segmenter(tiny_bundle.path, backend="onnxruntime", cache_dir=tmp_path)
     with pytest.raises(VocabularyError, match="empty vocabulary"):
         segmenter.set_vocabulary("")
     with pytest.raises(ScanError, match="no vocabulary set"):

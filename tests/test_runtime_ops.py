@@ -336,11 +336,14 @@ def test_labels_bands_and_chunks_equal_the_whole(queries, classes, h, w, out_h, 
 
 
 def test_labels_ties_keep_the_first_class_across_chunks():
+    # Multiples of 1/16: every sum over queries is exact in float32 in any order, so the duplicate
+    # class ties exactly on every CPU (BLAS kernels order the sums of different chunk shapes
+    # differently; with arbitrary floats the two columns differ in the last bit on some CPUs).
     rng = np.random.default_rng(11)
-    scores = rng.random((20, 30), dtype=F32)
-    scores[:, 3] = 1.5 + rng.random(20, dtype=F32)  # a strong class...
+    scores = (rng.integers(0, 16, (20, 30)) / 16).astype(F32)
+    scores[:, 3] = (24 + rng.integers(0, 16, 20)) / 16  # a strong class...
     scores[:, 29] = scores[:, 3]  # ...and its duplicate, in another chunk
-    probs = rng.random((20, 24, 32), dtype=F32)
+    probs = (rng.integers(0, 17, (20, 24, 32)) / 16).astype(F32)
     probs[:, :6] = 0  # rows where every class scores 0: label 0
     assert _plan(axis_taps(24, 77), 30, 32, 101, 1 << 16)[1] < 30  # 3 and 29 in different chunks
     labels = labels_from_scores(scores, probs, (77, 101), budget_bytes=1 << 16)[0]

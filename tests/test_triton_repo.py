@@ -90,7 +90,7 @@ def test_the_repository_loads_in_triton_and_answers_like_a_local_segmenter(serve
     for model in (ORCHESTRATOR, *map(piece_model, PIECE_NAMES)):
         assert client.is_model_ready(model), model
     images = [synthetic_scene(96, 128, seed=s) for s in range(3)]
-    local = Segmenter(tiny_bundle.path, resize=False)
+    local = Segmenter(tiny_bundle.path, backend="onnxruntime", resize=False)
     local.set_vocabulary(VOCAB)
     expected = [local.segment(image) for image in images]
     pending = [client.async_infer(ORCHESTRATOR, _inputs(image)) for image in images]
