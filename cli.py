@@ -117,7 +117,7 @@ def export_bundle(
     trt_masks: str = typer.Option("1,32,100", help="Engine profile min,opt,max regions per CLIP-adapter call."),
     seed: int = typer.Option(0, help="Seed for random weights."),
     triton: Optional[Path] = typer.Option(None, help="Also write a Triton model repository here (`scan triton-repo` has every option)."),
-    triton_backend: str = typer.Option("onnxruntime", help="With --triton: onnxruntime, tensorrt (the bundle's engines) or python."),
+    triton_backend: str = typer.Option("onnxruntime", help="With --triton: onnxruntime, openvino, tensorrt (the bundle's engines) or python."),
     triton_gpus: Optional[str] = typer.Option(None, help="With --triton: GPU instances on these devices (e.g. 0,1); default CPU."),
 ) -> None:
     """Export the model as a bundle of ONNX pieces with parity gates, tokenizer data and text caches."""
@@ -354,14 +354,15 @@ def evaluate_command(
 def triton_repo(
     bundle: Path = typer.Option(..., help="The bundle (scan export)."),
     out: Path = typer.Option(..., help="Repository folder to write (new, empty, or one this command wrote)."),
-    backend: str = typer.Option("onnxruntime", help="Piece models on Triton's onnxruntime or tensorrt backend (the bundle's engines), or python (ONNX Runtime in the Python backend)."),
-    precision: str = typer.Option("fp32", help="fp32, fp16 or int8 pieces (the bundle's)."),
+    backend: str = typer.Option("onnxruntime", help="Piece models on Triton's onnxruntime, openvino (CPU) or tensorrt backend (the bundle's engines), or python (the Python backend; --python-engine runs the graphs)."),
+    precision: str = typer.Option("fp32", help="fp32, fp16 or int8 pieces (the bundle's), or bf16 (openvino, or python with --python-engine openvino)."),
+    python_engine: str = typer.Option("onnxruntime", help="With --backend python: onnxruntime or openvino runs each piece inside Triton's Python backend."),
     gpus: Optional[str] = typer.Option(None, help="KIND_GPU piece instances on these devices (e.g. 0,1); default KIND_CPU."),
     instances: int = typer.Option(1, help="Instances per GPU (or on the CPU) of each piece, and of the orchestrator."),
     max_batch_size: int = typer.Option(4, help="Largest dynamic batch of requests the orchestrator takes."),
     max_queue_delay_us: int = typer.Option(2000, help="How long Triton waits to fill a batch (microseconds)."),
     vocab: Optional[str] = typer.Option(None, help="Default vocabulary for requests that send no class names."),
-    threads: int = typer.Option(0, help="ONNX Runtime threads per piece instance (0: its default)."),
+    threads: int = typer.Option(0, help="Inference threads per piece instance (0: the engine's default)."),
     engines: Optional[str] = typer.Option(None, help="With --backend tensorrt: the bundle's engine folder to serve."),
     no_resize: bool = typer.Option(False, "--no-resize", help="Feed images at their own size instead of the bundle's test resize."),
     max_classes: int = typer.Option(1024, help="Refuse requests with more class names than this."),
@@ -377,7 +378,8 @@ def triton_repo(
         run_triton_repo(bundle, out, RepositoryOptions(
             piece_backend=backend, precision=precision, gpus=parse_gpus(gpus), instances=instances,
             max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us, vocab=vocab, resize=not no_resize,
-            limits=RequestLimits(max_classes, max_image_pixels), threads=threads, engines=engines))
+            limits=RequestLimits(max_classes, max_image_pixels), threads=threads, engines=engines,
+            python_engine=python_engine))
 
     _run(job)
 

@@ -10,8 +10,11 @@ A stock Triton server (the NGC container) serves the repository without this pro
     DIR/scan_image_encoder/   one model per piece, called by the orchestrator:
     DIR/scan_mask_decoder/      onnxruntime: 1/model.onnx on Triton's ONNX Runtime backend
     DIR/scan_clip_adapter/      tensorrt:    1/model.plan on Triton's TensorRT backend
-    DIR/scan_text_encoder/      python:      1/model.onnx run by ONNX Runtime inside the Python
-                                             backend (Triton builds with only that backend)
+    DIR/scan_text_encoder/      openvino:    1/model.onnx on Triton's OpenVINO backend (CPU)
+                                python:      1/model.onnx run inside the Python backend (Triton builds
+                                             with only that backend) by ONNX Runtime or OpenVINO
+                                             (`python_engine`; OpenVINO through the orchestrator's
+                                             runtime copy: native-BF16 check, fallback, cache)
 
 The orchestrator is the runtime's `Segmenter` with its pieces replaced by Triton calls, so the
 repository computes what `scan segment --bundle` does, stage for stage. Configs are built as
@@ -30,14 +33,15 @@ import numpy as np
 
 import runtime
 from runtime.errors import BundleError, ScanError
-from runtime.files import replace_folder, verify_files
+from runtime.files import replace_folder, sha256_file, verify_files
 from runtime.manifest import MANIFEST, Manifest, TensorSpec, read_manifest
 from runtime.segmenter import PIECE_NAMES, PRECISIONS
 from runtime.serve_requests import INPUTS, OUTPUTS, RequestLimits
 from runtime.serving import MODEL_NAME
 from runtime.vocab import parse_vocabulary
 
-PIECE_BACKENDS = ("onnxruntime", "tensorrt", "python")
+PIECE_BACKENDS = ("onnxruntime", "openvino", "tensorrt", "python")
+PYTHON_ENGINES = ("onnxruntime", "openvino")
 ORCHESTRATOR = MODEL_NAME  # clients call the orchestrator by the name `scan serve` gives its model
 _TEMPLATES = Path(__file__).with_name("triton_models")
 _RUNTIME = Path(runtime.__file__).parent
@@ -58,16 +62,26 @@ class RepositoryOptions:
     vocab: str | None = None  # the orchestrator's default vocabulary
     resize: bool = True
     limits: RequestLimits = RequestLimits()
-    threads: int = 0  # ONNX Runtime intra-op threads per piece instance (0: its default)
+    threads: int = 0  # inference threads per piece instance (0: the engine's default)
     engines: str | None = None  # the bundle's engine folder for tensorrt pieces (default: the only match)
+    python_engine: str = "onnxruntime"  # what runs the graphs of `python` pieces
 
     def validate(self) -> None:
         if self.piece_backend not in PIECE_BACKENDS:
             raise ScanError(f"Triton piece backend {self.piece_backend!r}: choose one of {', '.join(PIECE_BACKENDS)}")
+        if self.python_engine not in PYTHON_ENGINES:
+            raise ScanError(f"python piece engine {self.python_engine!r}: choose one of {', '.join(PYTHON_ENGINES)}")
         if self.precision not in PRECISIONS:
             raise ScanError(f"precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
         if self.precision == "int8" and (self.piece_backend == "tensorrt" or self.gpus):
-            raise ScanError("int8 pieces are for ONNX Runtime on CPU: drop --gpus, or use fp32/fp16")
+            raise ScanError("int8 pieces are for the CPU: drop --gpus, or use fp32/fp16")
+        openvino = self.piece_backend == "openvino" or (self.piece_backend == "python" and self.python_engine == "openvino")
+        if self.precision == "bf16" and not openvino:
+            raise ScanError("bf16 pieces run on OpenVINO: use --backend openvino, or python with --python-engine openvino")
+        if self.precision == "fp16" and openvino:
+            raise ScanError("fp16 pieces are for GPUs: with OpenVINO use fp32, bf16 or int8")
+        if self.piece_backend == "openvino" and self.gpus:
+            raise ScanError("Triton's OpenVINO pieces run on the CPU here: drop --gpus (or use onnxruntime/tensorrt)")
         if self.instances < 1 or self.max_batch_size < 1 or self.max_queue_delay_us < 0 or self.threads < 0:
             raise ScanError("--instances and --max-batch-size must be at least 1, --max-queue-delay-us and --threads at least 0")
         if any(g < 0 for g in self.gpus):
@@ -120,7 +134,8 @@ def write_repository(bundle: str | Path, out: str | Path, options: RepositoryOpt
 
 def _piece_sources(bundle: Path, manifest: Manifest, options: RepositoryOptions) -> dict:
     """Per piece: (Triton backend, the bundle file it serves, the graph's tensor specs)."""
-    onnx = {piece: manifest.pieces[piece].variant(options.precision) for piece in PIECE_NAMES}
+    variant = "fp32" if options.precision == "bf16" else options.precision  # bf16 compiles the fp32 pieces
+    onnx = {piece: manifest.pieces[piece].variant(variant) for piece in PIECE_NAMES}
     if options.piece_backend != "tensorrt":
         return {piece: (options.piece_backend, onnx[piece], onnx[piece]) for piece in PIECE_NAMES}
     precision = "fp16" if options.precision == "fp16" else "fp32"
@@ -174,10 +189,24 @@ def _write_piece(folder: Path, source: tuple, bundle: Path, options: RepositoryO
         if options.piece_backend == "tensorrt" and options.gpus:
             accelerator = config.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
             accelerator.parameters["precision_mode"] = "FP16" if options.precision == "fp16" else "FP32"
+    elif backend == "openvino":
+        # Triton's OpenVINO backend reads ONNX when told the file name; its CPU plugin, one stream.
+        config.backend, config.default_model_filename = "openvino", "model.onnx"
+        parameters = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1"}
+        if options.threads:
+            parameters["INFERENCE_NUM_THREADS"] = str(options.threads)
+        if options.precision == "bf16":
+            parameters["HINT_BF16"] = "YES"
+        for key, value in parameters.items():
+            config.parameters[key].string_value = value
     elif backend == "python":
         config.backend = "python"
         shutil.copyfile(_TEMPLATES / "onnx_piece.py", version / "model.py")
         config.parameters["threads"].string_value = str(options.threads)
+        config.parameters["engine"].string_value = options.python_engine
+        config.parameters["precision"].string_value = options.precision
+        # The compiled-model cache key: the graph this folder serves (scalars may have been reshaped).
+        config.parameters["sha256"].string_value = sha256_file(version / "model.onnx")
     for tensor in spec.inputs:
         _tensor(config.input.add(), tensor, config_pb2)
     for tensor in spec.outputs:
@@ -252,7 +281,7 @@ def _write_orchestrator(folder: Path, bundle: Path, manifest: Manifest, options:
         (data / record.file).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(bundle / record.file, data / record.file)
     shutil.copyfile(bundle / MANIFEST, data / MANIFEST)
-    packages = [*ORCHESTRATOR_PACKAGES, *(["onnxruntime"] if options.piece_backend == "python" else [])]
+    packages = [*ORCHESTRATOR_PACKAGES, *([options.python_engine] if options.piece_backend == "python" else [])]
     (folder / "requirements.txt").write_text("".join(f"{name}\n" for name in packages))
     config = config_pb2.ModelConfig(name=ORCHESTRATOR, backend="python", max_batch_size=options.max_batch_size)
     config.dynamic_batching.max_queue_delay_microseconds = options.max_queue_delay_us

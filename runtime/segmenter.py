@@ -80,9 +80,9 @@ class Segmenter:
             raise ScanError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
         if precision == "int8" and backend == "tensorrt":
             raise ScanError("precision int8 is for the CPU: use --backend openvino or onnxruntime, or fp16/fp32 with tensorrt")
-        if precision == "bf16" and backend != "openvino":
+        if precision == "bf16" and backend != "openvino" and not runners:
             raise ScanError(f"precision bf16 runs on --backend openvino (CPUs with native BF16), not {backend}")
-        if precision == "fp16" and backend == "openvino":
+        if precision == "fp16" and backend == "openvino" and not runners:
             raise ScanError("precision fp16 is for GPUs (--backend tensorrt or onnxruntime with CUDA); "
                             "on the CPU use --backend openvino with bf16, fp32 or int8")
         if verify not in ("hash", "size"):

@@ -53,7 +53,7 @@ def test_bundle_with_engines(model, tmp_path, precision):
     plan = entry.pieces["text_encoder"]
     assert plan.file == f"engines/{folder}/text_encoder.plan"
     assert plan.sha256 == sha256_file(out / plan.file) and plan.bytes == (out / plan.file).stat().st_size
-    assert plan.profile == {"tokens": {"min": [1, 77], "opt": [16, 77], "max": [256, 77]}}
+    assert plan.profile == {"tokens": {"min": [1, 2], "opt": [16, 16], "max": [256, 77]}}  # prompts x sequence
     assert plan.onnx == ("text_encoder.fp16.onnx" if precision == "fp16" else "text_encoder.onnx")
     if precision == "fp16":
         assert manifest.pieces["text_encoder"].fp16.precision == "fp16"

@@ -94,7 +94,7 @@ def test_cli_segment_bundle_matches_official_as_closely_as_eager(bundle, officia
     common = [str(root / "image.png"), "--vocab", str(root / "classes.json"), "--no-resize", "--save-logits"]
     runner = CliRunner()
     measured = {}
-    for name, source in (("bundle", ["--bundle", str(bundle)]),
+    for name, source in (("bundle", ["--bundle", str(bundle), "--backend", "onnxruntime"]),
                          ("eager", ["--checkpoint", str(root / "model.pth"), "--config", str(root / "config.yaml")])):
         out = tmp_path / name
         result = runner.invoke(app, ["segment", *common, *source, "--out", str(out)])

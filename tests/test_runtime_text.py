@@ -87,7 +87,7 @@ class OrtEncoder:
         self.largest = 0
 
     def __call__(self, tokens: np.ndarray) -> np.ndarray:
-        assert tokens.dtype == np.int64 and tokens.shape[1] == 77
+        assert tokens.dtype == np.int64 and 2 <= tokens.shape[1] <= 77  # cut to the batch's longest prompt
         self.calls += 1
         self.prompts += len(tokens)
         self.largest = max(self.largest, len(tokens))

@@ -29,7 +29,7 @@ VOCAB = ["sky", "wall", "grass", "water", "road", "ball", "box", "tree", "house"
 
 @pytest.fixture(scope="module")
 def server(tiny_bundle, tmp_path_factory):
-    arguments = ["--bundle", str(tiny_bundle.path), "--backend", "onnxruntime", "--vocab", ",".join(VOCAB), "--instances", "1", "--max-batch-size", "4",
+    arguments = ["--bundle", str(tiny_bundle.path), "--backend", "openvino", "--precision", "fp32", "--vocab", ",".join(VOCAB), "--instances", "1", "--max-batch-size", "4",
                  "--max-queue-delay-us", "200000", "--threads", "2",
                  "--no-resize"]  # images at their own size keep the test short (the resize has its own tests)
     with scan_server(arguments, tmp_path_factory.mktemp("serve"), concurrency=8) as started:
@@ -57,7 +57,7 @@ def _request(client, image: np.ndarray, names: list[str] | None = None):
 def test_concurrent_requests_are_batched_and_equal_local_segmentation(server, tiny_bundle):
     client = server["client"]
     images = [synthetic_scene(96, 128, seed=s) for s in range(4)]
-    local = Segmenter(tiny_bundle.path, backend="onnxruntime", resize=False)
+    local = Segmenter(tiny_bundle.path, backend="openvino", precision="fp32", threads=2, resize=False)  # as served
     local.set_vocabulary(VOCAB)
     expected = [local.segment(image).label_map for image in images]
     # The HTTP client's own concurrency (its requests are in flight together; it is not thread-safe).
@@ -161,7 +161,8 @@ def test_scan_segment_through_the_server_writes_the_local_outputs(server, tiny_b
     Image.fromarray(synthetic_scene(96, 128, seed=4)).save(image)
     runner, vocab = CliRunner(), ",".join(VOCAB)
     outputs = {}
-    for name, source in (("local", ["--bundle", str(tiny_bundle.path), "--backend", "onnxruntime", "--no-resize"]),
+    for name, source in (("local", ["--bundle", str(tiny_bundle.path), "--backend", "openvino", "--precision", "fp32", "--threads", "2",
+                                    "--no-resize"]),
                          ("http", ["--server", f"localhost:{server['http']}"]),
                          ("grpc", ["--server", f"grpc://localhost:{server['grpc']}"])):
         result = runner.invoke(app, ["segment", str(image), "--vocab", vocab, "--out", str(tmp_path / name), *source])

@@ -1,9 +1,9 @@
 """`scan triton-repo`: a Triton model repository from the session bundle.
 
-The repository with Python-backend pieces is loaded by the same Triton server binary `scan serve`
-runs (PyTriton's, which has only the Python backend) and answers like a local `Segmenter`. The
-ONNX Runtime and TensorRT variants cannot load here: their configs are parsed with Triton's own
-protobuf and checked against the graphs they serve.
+The repository with Python-backend pieces (OpenVINO inside) is loaded by the same Triton server
+binary `scan serve` runs (PyTriton's, which has only the Python backend) and answers like a local
+`Segmenter` on OpenVINO. The ONNX Runtime, OpenVINO and TensorRT variants cannot load here: their
+configs are parsed with Triton's own protobuf and checked against the graphs they serve.
 """
 
 from __future__ import annotations
@@ -58,7 +58,8 @@ def repository(tiny_bundle, tmp_path_factory):
     out = tmp_path_factory.mktemp("triton") / "repository"
     # Through the command, as a user writes one; images at their own size keep the test short.
     result = CliRunner().invoke(app, ["triton-repo", "--bundle", str(tiny_bundle.path), "--out", str(out),
-                                      "--backend", "python", "--vocab", ",".join(VOCAB), "--threads", "1",
+                                      "--backend", "python", "--python-engine", "openvino", "--precision", "fp32",
+                                      "--vocab", ",".join(VOCAB), "--threads", "1",
                                       "--no-resize", "--max-batch-size", "4", "--max-queue-delay-us", "200000"])
     assert result.exit_code == 0, result.output
     return out
@@ -90,7 +91,8 @@ def test_the_repository_loads_in_triton_and_answers_like_a_local_segmenter(serve
     for model in (ORCHESTRATOR, *map(piece_model, PIECE_NAMES)):
         assert client.is_model_ready(model), model
     images = [synthetic_scene(96, 128, seed=s) for s in range(3)]
-    local = Segmenter(tiny_bundle.path, backend="onnxruntime", resize=False)
+    # The pieces run OpenVINO f32 with one thread each: so does the local segmenter.
+    local = Segmenter(tiny_bundle.path, backend="openvino", precision="fp32", threads=1, resize=False)
     local.set_vocabulary(VOCAB)
     expected = [local.segment(image) for image in images]
     pending = [client.async_infer(ORCHESTRATOR, _inputs(image)) for image in images]
@@ -148,6 +150,32 @@ def test_onnxruntime_repository_matches_its_graphs_with_gpu_instance_groups(tiny
     write_repository(tiny_bundle.path, out, RepositoryOptions(max_batch_size=2), report=print)
     assert _config(out / ORCHESTRATOR).max_batch_size == 2 and not _config(out / piece_model("mask_decoder")).instance_group[0].gpus
     assert [p.name for p in tmp_path.iterdir()] == ["ort"]
+
+
+def test_openvino_repository_matches_its_graphs_and_asks_for_bf16(tiny_bundle, tmp_path):
+    out = write_repository(tiny_bundle.path, tmp_path / "ov", RepositoryOptions(
+        piece_backend="openvino", precision="bf16", threads=2, instances=2), report=print)
+    for piece in PIECE_NAMES:
+        folder = out / piece_model(piece)
+        config = _config(folder)
+        assert (config.backend, config.default_model_filename, config.max_batch_size) == ("openvino", "model.onnx", 0)
+        parameters = {key: value.string_value for key, value in config.parameters.items()}
+        assert parameters == {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1", "INFERENCE_NUM_THREADS": "2",
+                              "HINT_BF16": "YES"}
+        _check_against_graph(config, folder / "1" / "model.onnx")
+        (group,) = config.instance_group
+        assert group.kind == model_config_pb2.ModelInstanceGroup.KIND_CPU and group.count == 2
+    # bf16 compiles the fp32 graphs: the files served are the bundle's fp32 pieces.
+    assert sha256_file(out / piece_model("text_encoder") / "1" / "model.onnx") == tiny_bundle.manifest.pieces["text_encoder"].sha256
+    assert _config(out / ORCHESTRATOR).parameters["precision"].string_value == "bf16"
+    python = write_repository(tiny_bundle.path, tmp_path / "py", RepositoryOptions(
+        piece_backend="python", python_engine="openvino", precision="bf16"), report=print)
+    config = _config(python / piece_model("clip_adapter"))
+    assert config.parameters["engine"].string_value == "openvino" and config.parameters["precision"].string_value == "bf16"
+    # The cache key is the graph served: the clip adapter's scalar threshold was reshaped.
+    served = python / piece_model("clip_adapter") / "1" / "model.onnx"
+    assert config.parameters["sha256"].string_value == sha256_file(served) != tiny_bundle.manifest.pieces["clip_adapter"].sha256
+    assert "openvino" in (python / ORCHESTRATOR / "requirements.txt").read_text().split()
 
 
 def test_the_scalar_threshold_travels_as_one_element_with_identical_outputs(tiny_bundle, tmp_path):
@@ -213,8 +241,11 @@ def test_bad_repository_requests_name_the_problem_and_write_nothing(tiny_bundle,
     cases = [
         (["--out", str(taken)], "is a non-empty folder that is not a repository"),
         (["--out", str(tmp_path / "a"), "--backend", "tensorrt"], "no fp32 TensorRT engine folders"),
-        (["--out", str(tmp_path / "b"), "--backend", "triton"], "choose one of onnxruntime, tensorrt, python"),
-        (["--out", str(tmp_path / "c"), "--precision", "int8", "--gpus", "0"], "int8 pieces are for ONNX Runtime on CPU"),
+        (["--out", str(tmp_path / "b"), "--backend", "triton"], "choose one of onnxruntime, openvino, tensorrt, python"),
+        (["--out", str(tmp_path / "c"), "--precision", "int8", "--gpus", "0"], "int8 pieces are for the CPU"),
+        (["--out", str(tmp_path / "f"), "--precision", "bf16"], "bf16 pieces run on OpenVINO"),
+        (["--out", str(tmp_path / "g"), "--backend", "openvino", "--gpus", "0"], "OpenVINO pieces run on the CPU"),
+        (["--out", str(tmp_path / "h"), "--backend", "python", "--python-engine", "tvm"], "choose one of onnxruntime, openvino"),
         (["--out", str(tmp_path / "d"), "--gpus", "0,0"], "give distinct device numbers"),
         (["--out", str(tmp_path / "e"), "--vocab", "a,a"], "duplicate"),
     ]

@@ -172,7 +172,7 @@ SPECS = {
         "shift_tokens": [3, 64], "text_classifier": ["classes_plus_one", 64], "shift_counts": [197],
         "shift_keys": [3, "masks", 196],
     },
-    "text_encoder": {"tokens": ["prompts", 77]},
+    "text_encoder": {"tokens": ["prompts", "sequence"]},
 }
 EXPECTED = {
     "image_encoder": {"image": ((1, 3, 64, 64), (1, 3, 320, 320), (1, 3, 640, 640))},
@@ -189,7 +189,7 @@ EXPECTED = {
         "text_classifier": ((2, 64), (11, 64), (201, 64)),
         "shift_keys": ((3, 1, 196), (3, 16, 196), (3, 100, 196)),  # new: not in the onnx-based code
     },
-    "text_encoder": {"tokens": ((1, 77), (16, 77), (256, 77))},
+    "text_encoder": {"tokens": ((1, 2), (16, 16), (256, 77))},  # prompts x tokens, cut to the longest
 }
 
 
@@ -212,8 +212,10 @@ def test_profiles_of_a_real_bundle_match_its_onnx_graph(small_bundle):
 
 
 def test_a_symbolic_axis_without_a_range_is_refused():
-    with pytest.raises(ScanError, match="symbolic axes \\[1\\] that no TensorRT shape range covers"):
-        piece_profiles("text_encoder", {"tokens": ["prompts", "context"]}, RANGES)
+    # A bundle from before the cut keeps its fixed 77 tokens in the profile.
+    assert piece_profiles("text_encoder", {"tokens": ["prompts", 77]}, RANGES) == {"tokens": ((1, 77), (16, 77), (256, 77))}
+    with pytest.raises(ScanError, match="symbolic axes \\[2\\] that no TensorRT shape range covers"):
+        piece_profiles("text_encoder", {"tokens": ["prompts", "sequence", "extra"]}, RANGES)
     with pytest.raises(ScanError, match="'extra' has symbolic axes"):
         piece_profiles("text_encoder", {"tokens": ["prompts", 77], "extra": ["n"]}, RANGES)
 
@@ -276,7 +278,7 @@ def test_missing_engines_are_built_once_and_recorded_in_a_sidecar(bundle):
 
     assert entry["file"] == plan.name and entry["bytes"] == plan.stat().st_size and entry["sha256"] == sha256_file(plan)
     assert entry["onnx"] == source.file and entry["onnx_sha256"] == source.sha256
-    assert entry["profile"] == {"tokens": {"min": [1, 77], "opt": [16, 77], "max": [256, 77]}}
+    assert entry["profile"] == {"tokens": {"min": [1, 2], "opt": [16, 16], "max": [256, 77]}}
     assert sidecar["backend"] == "tensorrt_rtx" and sidecar["precision"] == "fp32"
     assert (bundle / MANIFEST).read_bytes() == manifest_bytes  # the exporter's manifest is never rewritten
 
