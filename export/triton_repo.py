@@ -134,8 +134,7 @@ def write_repository(bundle: str | Path, out: str | Path, options: RepositoryOpt
 
 def _piece_sources(bundle: Path, manifest: Manifest, options: RepositoryOptions) -> dict:
     """Per piece: (Triton backend, the bundle file it serves, the graph's tensor specs)."""
-    variant = "fp32" if options.precision == "bf16" else options.precision  # bf16 compiles the fp32 pieces
-    onnx = {piece: manifest.pieces[piece].variant(variant) for piece in PIECE_NAMES}
+    onnx = {piece: manifest.pieces[piece].variant(options.precision) for piece in PIECE_NAMES}
     if options.piece_backend != "tensorrt":
         return {piece: (options.piece_backend, onnx[piece], onnx[piece]) for piece in PIECE_NAMES}
     precision = "fp16" if options.precision == "fp16" else "fp32"

@@ -85,8 +85,9 @@ class Piece(PieceFile):
     int8: PieceFile | None = None
 
     def variant(self, precision: str) -> PieceFile:
-        """The file to run at `precision`; int8 falls back to fp32 for pieces without an int8 variant."""
-        if precision == "fp32":
+        """The file to run at `precision`; int8 falls back to fp32 for pieces without an int8 variant.
+        bf16 has no files of its own: OpenVINO compiles the fp32 pieces with a bf16 hint."""
+        if precision in ("fp32", "bf16"):
             return self
         if precision == "int8":
             return self.int8 if self.int8 is not None else self

@@ -95,10 +95,8 @@ class Segmenter:
         missing = [p for p in PIECE_NAMES if p not in self.manifest.pieces]
         if missing:
             raise ScanError(f"bundle {self.root} lacks the piece(s) {', '.join(missing)}: export the whole model with `scan export`")
-        variant = "fp32" if precision == "bf16" else precision  # bf16 compiles the fp32 pieces
-        self.manifest.check_variant(variant)
-        self._variant = variant
-        files = [] if runners else [f for p in PIECE_NAMES for f in self.manifest.pieces[p].variant(variant).files()]
+        self.manifest.check_variant(precision)
+        files = [] if runners else [f for p in PIECE_NAMES for f in self.manifest.pieces[p].variant(precision).files()]
         verify_files(self.root, [*files, self.manifest.tokenizer.bpe, *self.manifest.text_caches.values()],
                      hashes=verify == "hash")
         if runners and set(runners) != set(PIECE_NAMES):
@@ -123,7 +121,7 @@ class Segmenter:
             from .trt_engine import open_engines
 
             return open_engines(self.root, self.manifest, self.precision, report=report)
-        pieces = {name: self.manifest.pieces[name].variant(self._variant) for name in PIECE_NAMES}
+        pieces = {name: self.manifest.pieces[name].variant(self.precision) for name in PIECE_NAMES}
         if backend == "openvino":
             from .cpu import cpu_info
             from .openvino_backend import OpenVinoRunner, resolve_precision

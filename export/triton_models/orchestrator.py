@@ -45,9 +45,8 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         self.parameters = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
         manifest = read_manifest(HERE / "bundle")
-        variant = "fp32" if self.parameters["precision"] == "bf16" else self.parameters["precision"]  # bf16: fp32 graphs
         self.runners = {piece: PieceModel(self.parameters[f"{piece}_model"],
-                                          [t.name for t in manifest.pieces[piece].variant(variant).outputs])
+                                          [t.name for t in manifest.pieces[piece].variant(self.parameters["precision"]).outputs])
                         for piece in PIECE_NAMES}
         self.vocab = self.parameters.get("vocab") or None
         if self.vocab:
