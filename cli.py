@@ -108,7 +108,8 @@ def export_bundle(
     preset: Optional[str] = typer.Option(None, help="Export a preset with seeded random weights (tiny, vitb, vitl)."),
     vocab: Optional[str] = typer.Option(None, help="Vocabulary whose text embeddings are cached in the bundle."),
     standard_vocabs: bool = typer.Option(False, help="Also cache the six benchmark vocabularies."),
-    precision: str = typer.Option("fp32", help="fp32 pieces are always written; fp16 adds fp16 pieces (fp32 LayerNorm/softmax/LFM) for TensorRT, int8 adds dynamically quantised pieces for ONNX Runtime on CPU, fp16,int8 both. --tensorrt builds from fp16 if present, else fp32 (never int8)."),
+    precision: str = typer.Option("fp32", help="fp32 pieces are always written; fp16 adds fp16 pieces (fp32 LayerNorm/softmax/LFM) for TensorRT, int8 adds pieces quantised by NNCF calibration (QDQ, for OpenVINO and ONNX Runtime on CPU), fp16,int8 both. --tensorrt builds from fp16 if present, else fp32 (never int8)."),
+    calibration: Optional[str] = typer.Option(None, help="With int8: calibration images (a folder of images, or a dataset: its train split), up to 8 sampled evenly; default the export gate's 3 drawn scenes. See docs/performance.md."),
     tensorrt: bool = typer.Option(False, "--tensorrt", help="Also build TensorRT engines (tensorrt on a GPU host, or tensorrt-rtx ahead of time)."),
     trt_backend: Optional[str] = typer.Option(None, help="tensorrt or tensorrt_rtx (default: the first importable)."),
     trt_height: str = typer.Option("320,640,1024", help="Engine profile min,opt,max image height (multiples of 32)."),
@@ -134,7 +135,7 @@ def export_bundle(
             repository.validate()
         run_export(ExportOptions(
             out=out, checkpoint=checkpoint, config=config, preset=preset, vocab=vocab, standard_vocabs=standard_vocabs,
-            seed=seed, precision=precision, tensorrt=tensorrt, trt_backend=trt_backend,
+            seed=seed, precision=precision, calibration=calibration, tensorrt=tensorrt, trt_backend=trt_backend,
             trt_ranges=dict(height=trt_height, width=trt_width, classes=trt_classes, masks=trt_masks),
         ))
         if repository is not None:

@@ -1,11 +1,15 @@
-"""int8 against fp32 pieces of an exported bundle: ONNX Runtime CPU time per call and parity.
+"""int8 forms of a bundle's pieces on ONNX Runtime: the calibrated QDQ files against dynamic
+quantisation, both against fp32, in time per call and parity.
 
-Quantises the chosen pieces with `export.int8.quantize_piece` (unless the int8 file is
-already there) and runs fp32 and int8 sessions on the same realistic inputs: a drawn scene at
+The bundle must have int8 pieces (`scan export --precision int8`, NNCF QDQ files); the dynamic
+form (`onnxruntime.quantization.quantize_dynamic`: int8 weights per channel, activations
+quantised at run time, what ONNX Runtime's own int8 path was before calibration) is written to
+`--out` unless already there. All run on the same realistic inputs: a drawn scene at
 640x640, the fp32 image encoder's own shift tokens, region masks drawn as blobs (N per call, as
 the runtime chunks), a normalised random text classifier; the mask decoder gets the fp32 image
-encoder's outputs, the text encoder one prompt per ADE-150 name. Runs alternate fp32 and int8;
-medians. Parity: max |int8 - fp32| / max |fp32| per output.
+encoder's outputs, the text encoder one prompt per ADE-150 name. Runs alternate between the
+forms; medians. Parity: max |int8 - fp32| / max |fp32| per output. This measurement decides what
+`onnxruntime-int8` runs (docs/performance.md).
 
     python -m benchmarks.int8_speed --bundle /tmp/bench/vitb --out /tmp/int8_vitb \
         --json benchmarks/results/int8_vitb_640x640.json
@@ -84,64 +88,71 @@ def inputs(manifest, bundle: Path, size: tuple[int, int], masks: int, classes: i
     return {"image_encoder": encoder, "clip_adapter": adapter, "mask_decoder": decoder, "text_encoder": text}
 
 
-def measure_piece(fp32: Path, int8: Path, feeds: dict, runs: int, threads: int) -> dict:
-    sessions = {"fp32": _session(fp32, threads), "int8": _session(int8, threads)}
+def measure_piece(files: dict[str, Path], feeds: dict, runs: int, threads: int) -> dict:
+    """Alternating runs of each form in `files` ("fp32" first); medians and parity against fp32."""
+    sessions = {name: _session(path, threads) for name, path in files.items()}
     outputs = {name: dict(zip([o.name for o in s.get_outputs()], s.run(None, feeds))) for name, s in sessions.items()}
     times: dict[str, list[float]] = {name: [] for name in sessions}
-    for _ in range(runs):  # alternating, so both see the same machine load
+    for _ in range(runs):  # alternating, so every form sees the same machine load
         for name, session in sessions.items():
             start = time.perf_counter()
             session.run(None, feeds)
             times[name].append(time.perf_counter() - start)
     medians = {k: statistics.median(v) for k, v in times.items()}
-    parity = {}
-    for name, ref in outputs["fp32"].items():
-        if ref.dtype == np.bool_:
-            parity[name] = float((outputs["int8"][name] != ref).mean())
-        else:
-            diff = np.abs(outputs["int8"][name].astype(np.float64) - ref)
-            parity[name] = float(diff.max() / max(float(np.abs(ref).max()), 1e-30))
-    result = {"runs_s": times, "median_s": medians, "speedup": medians["fp32"] / medians["int8"], "max_rel": parity,
-              "bytes": {"fp32": fp32.stat().st_size, "int8": int8.stat().st_size}}
-    if "region_logits" in outputs["fp32"]:
-        ref, ours = outputs["fp32"]["region_logits"], outputs["int8"]["region_logits"]
-        result["region_argmax_agreement"] = float((ref.argmax(1) == ours.argmax(1)).mean())
+    result = {"runs_s": times, "median_s": medians, "bytes": {k: p.stat().st_size for k, p in files.items()}}
+    for form in [f for f in files if f != "fp32"]:
+        parity = {}
+        for name, ref in outputs["fp32"].items():
+            if ref.dtype == np.bool_:
+                parity[name] = float((outputs[form][name] != ref).mean())
+            else:
+                diff = np.abs(outputs[form][name].astype(np.float64) - ref)
+                parity[name] = float(diff.max() / max(float(np.abs(ref).max()), 1e-30))
+        result[form] = {"speedup": medians["fp32"] / medians[form], "max_rel": parity}
+        if "region_logits" in outputs["fp32"]:
+            ref, ours = outputs["fp32"]["region_logits"], outputs[form]["region_logits"]
+            result[form]["region_argmax_agreement"] = float((ref.argmax(1) == ours.argmax(1)).mean())
     return result
 
 
+def quantize_dynamic(fp32: Path, out: Path) -> None:
+    from onnxruntime.quantization import QuantType
+    from onnxruntime.quantization import quantize_dynamic as dynamic
+
+    dynamic(fp32, out, op_types_to_quantize=["MatMul", "Gemm"], per_channel=True, weight_type=QuantType.QInt8)
+
+
 def main(argv: list[str] | None = None) -> int:
-    from export.int8 import quantize_piece
     from runtime.manifest import read_manifest
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", type=Path, required=True)
-    parser.add_argument("--out", type=Path, required=True, help="Folder for the int8 files.")
+    parser.add_argument("--out", type=Path, required=True, help="Folder for the dynamically quantised files.")
     parser.add_argument("--pieces", default="clip_adapter,image_encoder")
     parser.add_argument("--size", default="640x640")
     parser.add_argument("--masks", type=int, default=8)
     parser.add_argument("--classes", type=int, default=150)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--per-channel", type=int, default=1)
-    parser.add_argument("--reduce-range", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
+    from benchmarks.machine import machine
+
     manifest = read_manifest(args.bundle)
     args.out.mkdir(parents=True, exist_ok=True)
     feeds = inputs(manifest, args.bundle, parse_size(args.size), args.masks, args.classes, args.threads)
-    tag = f"pc{args.per_channel}-rr{args.reduce_range}"
     result = {"bundle": str(args.bundle), "model": manifest.model.name, "size": args.size, "masks": args.masks,
-              "classes": args.classes, "threads": args.threads, "per_channel": bool(args.per_channel),
-              "reduce_range": bool(args.reduce_range), "load_average_at_start": os.getloadavg()[0], "pieces": {}}
+              "classes": args.classes, "threads": args.threads, "machine": machine(),
+              "load_average_at_start": os.getloadavg()[0], "pieces": {}}
     for piece in args.pieces.split(","):
-        fp32 = args.bundle / manifest.pieces[piece].file
-        int8 = args.out / f"{piece}.{tag}.int8.onnx"
-        seconds = None
-        if not int8.is_file():
-            start = time.perf_counter()
-            quantize_piece(fp32, int8, per_channel=bool(args.per_channel), reduce_range=bool(args.reduce_range))
-            seconds = time.perf_counter() - start
-        result["pieces"][piece] = {"quantize_s": seconds, **measure_piece(fp32, int8, feeds[piece], args.runs, args.threads)}
+        record = manifest.pieces[piece]
+        if record.int8 is None:
+            sys.exit(f"{args.bundle} has no int8 {piece}: export it with `scan export --precision int8`")
+        dynamic = args.out / f"{piece}.dynamic.int8.onnx"
+        if not dynamic.is_file():
+            quantize_dynamic(args.bundle / record.file, dynamic)
+        files = {"fp32": args.bundle / record.file, "qdq": args.bundle / record.int8.file, "dynamic": dynamic}
+        result["pieces"][piece] = measure_piece(files, feeds[piece], args.runs, args.threads)
     result["load_average_at_end"] = os.getloadavg()[0]  # this run's own threads included
     report(result, args.json)
     return 0

@@ -22,6 +22,7 @@ class ExportOptions:
     standard_vocabs: bool = False
     seed: int = 0
     precision: str = "fp32"
+    calibration: str | None = None  # int8: images or a dataset (export/calibration.py)
     tensorrt: bool = False
     trt_backend: str | None = None
     trt_ranges: dict[str, str] = field(default_factory=dict)  # "min,opt,max" per dimension
@@ -46,6 +47,12 @@ def run_export(opts: ExportOptions):
     if (opts.checkpoint is None) == (opts.preset is None):
         raise ScanError("pass either --checkpoint (with --config for an official SCAN.pth) or --preset")
     check_precision(opts.precision)
+    if opts.calibration is not None and "int8" not in check_precision(opts.precision):
+        raise ScanError("--calibration is for int8 pieces: add --precision int8 (or drop --calibration)")
+    if opts.calibration is not None:
+        from export.calibration import calibration_set
+
+        calibration_set(opts.calibration, [], limit=1)  # a bad path fails now, not after minutes of export
     try:
         ranges = ShapeRanges(**{k: _parse_range(k, v) for k, v in opts.trt_ranges.items()})
     except ValueError as exc:
@@ -65,7 +72,7 @@ def run_export(opts: ExportOptions):
     loaded = load_model(opts.checkpoint, opts.config if opts.checkpoint else opts.preset, device="cpu", seed=opts.seed)
     digest = sha256_file(opts.checkpoint) if opts.checkpoint else None
     manifest = write_bundle(loaded.model, opts.out, digest, vocabularies, precision=opts.precision,
-                            tensorrt=opts.tensorrt, ranges=ranges, trt_backend=opts.trt_backend, report=say)
+                            calibration=opts.calibration, tensorrt=opts.tensorrt, ranges=ranges, trt_backend=opts.trt_backend, report=say)
     for folder in manifest.engines:
         say(f"engines in {opts.out / 'engines' / folder}")
     say(f"bundle written to {opts.out}")

@@ -41,10 +41,10 @@ EXTERNAL_DATA_BYTES = 1_800_000_000
 # blocks (up to 0.57 relative measured at 256x384, tiny, random weights). What decides an fp16
 # export is the end-to-end gate in bundle.py: >= 99% identical labels (DESIGN.md).
 FP16_TOLERANCE = 1.0
-# int8 per piece, like fp16, only catches a broken quantisation (non-finite outputs, or errors of
-# half the outputs' size); the end-to-end gate in bundle.py decides. Measured worst at the export
-# shapes: 3.5e-2 (tiny preset), 0.15 (official fixture model, whose diversified weights make CLIP
-# attention sharp); int8 weight scales off by x1.1 gave 0.59 on the tiny clip_adapter.
+# int8 against eager at the export shapes (random inputs, outside the calibration), like fp16, only
+# catches a broken quantisation (non-finite outputs, or errors of half the outputs' size); the
+# numeric gate on the calibration calls (export/precision_checks.py) measures it. Measured worst
+# at the export shapes with the calibrated files: 0.31 (tiny test bundle), 0.16 (trained tiny).
 INT8_TOLERANCE = 0.5
 # Ops that TensorRT rejects or that make shapes data-dependent (EXPORT_NOTES §1, §4.1).
 DENIED_OPS = frozenset({"DFT", "STFT", "NonZero", "Loop", "If", "RoiAlign", "Scan"})
@@ -108,7 +108,7 @@ class PieceExport:
     precision: str = "fp32"
     external_data: bool = False
     fp16: PieceExport | None = None  # the fp16 variant, when one was asked for
-    int8: PieceExport | None = None  # the int8 variant (ONNX Runtime CPU), for the pieces of INT8_PIECES
+    int8: PieceExport | None = None  # the calibrated int8 variant, for the pieces of INT8_PIECES
     exact_outputs: list[str] = field(default_factory=list)  # bool outputs: must match eager exactly
 
     def files(self) -> list[Path]:
@@ -211,13 +211,14 @@ def export_fp16(record: PieceExport, path: Path) -> PieceExport:
     return fp16
 
 
-def export_int8(record: PieceExport, path: Path) -> PieceExport:
-    """The int8 variant of an exported fp32 piece (see export/int8.py), with the same structural checks."""
+def export_int8(record: PieceExport, path: Path, feeds: list[dict[str, np.ndarray]], report=None) -> PieceExport:
+    """The calibrated int8 variant of an exported fp32 piece (see export/int8.py), with the same
+    structural checks; `feeds` are its calibration calls."""
     from .int8 import quantize_piece
 
     start = time.perf_counter()
     try:
-        quantize_piece(record.path, path, external_data=record.external_data)
+        quantize_piece(record.name, record.path, path, feeds, external_data=record.external_data, report=report)
     except Exception as exc:  # the quantiser raises many types; one clear line for the user
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ExportError(f"{record.name}: int8 quantisation failed: {first}") from exc
@@ -227,6 +228,23 @@ def export_int8(record: PieceExport, path: Path) -> PieceExport:
     shapes = {name: {i: None for i, d in enumerate(dims) if isinstance(d, str)} for name, dims in record.dynamic_axes.items()}
     check_graph(proto, record.name, shapes, [v.name for v in proto.graph.input], path)
     return int8
+
+
+def add_int8(model: ScanModel, records: dict[str, PieceExport], out_dir: Path, feeds: dict[str, list[dict]],
+             example: Shape, checks: list[Shape], tolerance: float = INT8_TOLERANCE, report=None) -> None:
+    """Calibrated int8 variants (`<piece>.int8.onnx`) of the pieces of `INT8_PIECES`, each checked
+    like any export and its parity against eager bounded by `tolerance` (a broken quantisation
+    only: export/precision_checks.py is the gate that measures the error against fp32)."""
+    from .int8 import INT8_PIECES
+
+    for piece in INT8_PIECES:
+        record = records[piece]
+        record.int8 = export_int8(record, out_dir / f"{piece}.int8.onnx", feeds[piece], report)
+        for low, full in zip(ort_parity(model, record.int8, [example, *checks], sensitivity=False), record.parity):
+            low.eager_sensitivity = dict(full.eager_sensitivity)
+        parity_gate(record.int8, tolerance, multiple=0.0)  # bool outputs stay exact: computed in fp32
+        if report is not None:
+            report(f"{piece}: int8 parity worst {record.int8.worst_rel():.1e} against eager over {len(record.parity)} shapes")
 
 
 def _op_histogram(proto: onnx.ModelProto) -> dict[str, int]:
@@ -399,16 +417,14 @@ def parity_gate(record: PieceExport, tolerance: float, multiple: float = SENSITI
 def export_all(
     model: ScanModel, out_dir: Path, example: Shape, checks: list[Shape], tolerance: float = 1e-3, pieces=tuple(PIECES),
     fp16: bool = False, fp16_tolerance: float = FP16_TOLERANCE, external_data_bytes: int = EXTERNAL_DATA_BYTES,
-    report=None, int8: bool = False, int8_tolerance: float = INT8_TOLERANCE,
+    report=None,
 ) -> dict[str, PieceExport]:
     """Each piece: export, structural checks, parity at the example and `checks` shapes, gate.
 
     With `fp16`, each piece also gets an fp16 variant (`<piece>.fp16.onnx`), gated against
-    the fp32 eager model with `fp16_tolerance`; with `int8`, the pieces of `INT8_PIECES` get an
-    int8 variant (`<piece>.int8.onnx`), gated the same way with `int8_tolerance`.
+    the fp32 eager model with `fp16_tolerance`. int8 variants need the whole fp32 bundle to
+    calibrate on (`add_int8`).
     """
-    from .int8 import INT8_PIECES
-
     out_dir.mkdir(parents=True, exist_ok=True)
     records = {}
     for piece in pieces:
@@ -428,13 +444,6 @@ def export_all(
                 half.eager_sensitivity = dict(full.eager_sensitivity)
             parity_gate(record.fp16, fp16_tolerance, multiple=0.0, exact=())
             line += f"; fp16 worst {record.fp16.worst_rel():.1e}"
-        if int8 and piece in INT8_PIECES:
-            record.int8 = export_int8(record, out_dir / f"{piece}.int8.onnx")
-            for low, full in zip(ort_parity(model, record.int8, [example, *checks], sensitivity=False, eager_cache=eager),
-                                 record.parity):
-                low.eager_sensitivity = dict(full.eager_sensitivity)
-            parity_gate(record.int8, int8_tolerance, multiple=0.0)  # bool outputs stay exact: computed in fp32
-            line += f"; int8 worst {record.int8.worst_rel():.1e}"
         if report is not None:
             report(line)
         records[piece] = record

@@ -114,7 +114,8 @@ def write_repository(bundle: str | Path, out: str | Path, options: RepositoryOpt
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         for piece in PIECE_NAMES:
-            _write_piece(tmp / piece_model(piece), sources[piece], bundle, options, config_pb2, text_format)
+            _write_piece(tmp / piece_model(piece), sources[piece], bundle, options, config_pb2, text_format,
+                         manifest.pieces[piece])
         _write_orchestrator(tmp / ORCHESTRATOR, bundle, manifest, options, config_pb2, text_format)
         replace_folder(tmp, out)
     except BaseException:
@@ -165,7 +166,8 @@ def _piece_sources(bundle: Path, manifest: Manifest, options: RepositoryOptions)
     return sources
 
 
-def _write_piece(folder: Path, source: tuple, bundle: Path, options: RepositoryOptions, config_pb2, text_format) -> None:
+def _write_piece(folder: Path, source: tuple, bundle: Path, options: RepositoryOptions, config_pb2, text_format,
+                 manifest_piece) -> None:
     backend, record, spec = source
     version = folder / "1"
     version.mkdir(parents=True)
@@ -204,6 +206,9 @@ def _write_piece(folder: Path, source: tuple, bundle: Path, options: RepositoryO
         config.parameters["threads"].string_value = str(options.threads)
         config.parameters["engine"].string_value = options.python_engine
         config.parameters["precision"].string_value = options.precision
+        config.parameters["quantised"].string_value = str(record.precision == "int8").lower()
+        check = manifest_piece.bf16_check()
+        config.parameters["bf16_refused"].string_value = str(check is not None and not check.passed).lower()
         # The compiled-model cache key: the graph this folder serves (scalars may have been reshaped).
         config.parameters["sha256"].string_value = sha256_file(version / "model.onnx")
     for tensor in spec.inputs:

@@ -44,6 +44,24 @@ class ParityRecord:
 
 
 @dataclass
+class PrecisionCheck:
+    """A reduced-precision run of a piece against its fp32 outputs on the calibration calls
+    (export/precision_checks.py): per output, the smallest cosine and the largest
+    max |low - fp32| / max |fp32| (bool outputs: the smallest share of equal values, and 1 where
+    any differs). `passed`: every cosine at least `required_cosine`."""
+
+    engine: str  # "onnxruntime" or "openvino"
+    precision: str  # "int8" (the int8 file) or "bf16" (the fp32 file compiled with OpenVINO's bf16 hint)
+    compiled: str  # what ran: OpenVINO's settings after any fallback (e.g. "bf16-nosnippets-t2"), or "onnxruntime"
+    inputs: str  # where the calls came from
+    calls: int
+    min_cosine: dict[str, float]
+    max_rel: dict[str, float]
+    required_cosine: float
+    passed: bool
+
+
+@dataclass
 class FileRecord:
     file: str  # relative to the bundle
     sha256: str
@@ -66,6 +84,10 @@ class PieceFile:
     # 0 where only the fixed tolerance applied (fp16 pieces).
     parity_sensitivity_multiple: float = 0.0
     external_data: FileRecord | None = None
+    # Reduced precision against fp32 (int8 files: their own runs; fp32 pieces: bf16 on OpenVINO).
+    precision_checks: list[PrecisionCheck] = field(default_factory=list)
+    # int8 files: how they were made (method, scope, calibration, NNCF version).
+    quantisation: dict[str, Any] | None = None
 
     def files(self) -> list[FileRecord]:
         own = FileRecord(self.file, self.sha256, self.bytes)
@@ -81,8 +103,12 @@ class PieceFile:
 @dataclass
 class Piece(PieceFile):
     fp16: PieceFile | None = None
-    # ONNX Runtime CPU only; absent for pieces that run fp32 in an int8 pipeline (export/int8.py).
+    # Calibrated QDQ file (ONNX Runtime and OpenVINO); absent for pieces that stay fp32 (export/int8.py).
     int8: PieceFile | None = None
+
+    def bf16_check(self) -> PrecisionCheck | None:
+        """The export's bf16 check of this piece on OpenVINO; None where the exporting CPU had no native BF16."""
+        return next((c for c in self.precision_checks if c.precision == "bf16" and c.engine == "openvino"), None)
 
     def variant(self, precision: str) -> PieceFile:
         """The file to run at `precision`; int8 falls back to fp32 for pieces without an int8 variant.

@@ -30,7 +30,8 @@ from .cpu import CpuInfo, cpu_info
 from .errors import ScanError
 from .files import atomic_write, user_cache_root
 
-PRECISIONS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # int8 pieces carry their own quantisation
+PRECISIONS = ("fp32", "bf16", "int8")  # what a Segmenter may ask of OpenVINO
+HINTS = {"fp32": "f32", "bf16": "bf16"}  # OpenVINO's inference precision; int8 files carry their own quantisation
 RECORD_VERSION = 1
 
 
@@ -89,28 +90,54 @@ def resolve_precision(precision: str, cpu: CpuInfo) -> tuple[str, str | None]:
     return precision, None
 
 
+def piece_hint(name: str, piece, precision: str, cpu: CpuInfo) -> tuple[str, str | None]:
+    """The compile hint of one piece (a `runtime.manifest.Piece`) in a run at `precision` (after
+    `resolve_precision`), and a note where the export's numeric gate kept it from bf16.
+
+    bf16 runs every piece bf16; int8 runs the int8 files and the other pieces bf16 where the CPU
+    is native (the int8 files' checks ran that way), f32 elsewhere. A fp32 file whose bf16 check
+    failed at export runs f32.
+    """
+    wants_bf16 = precision == "bf16" or (precision == "int8" and cpu.native_bf16)
+    if not wants_bf16:
+        return "fp32", None
+    if precision == "int8" and piece.int8 is not None:
+        return "bf16", None
+    check = piece.bf16_check()
+    if check is not None and not check.passed:
+        worst = min(check.min_cosine, key=check.min_cosine.get)
+        return "fp32", (f"{name}: runs f32, not bf16: at export its {worst} kept a cosine of "
+                        f"{check.min_cosine[worst]:.4f} to fp32 in bf16, under the gate's {check.required_cosine}")
+    return "bf16", None
+
+
 class OpenVinoRunner:
     """One piece compiled by OpenVINO for the CPU: numpy feeds in, numpy outputs out.
 
     Args:
         name: the piece's name (for messages and file names).
         path: its ONNX file; `sha256` is the manifest's hash of it (the cache key).
-        precision: "fp32" or "bf16" (after `resolve_precision`), or "int8" for int8 pieces.
+        precision: the compile hint, "fp32" or "bf16" (`piece_hint`): what runs outside the
+            quantised products of an int8 file, and everything in any other file.
+        quantised: the file is an int8 piece (reported as "int8").
         threads: inference threads (None: all cores).
         cache_dir: root of the compiled-model cache (default: the user cache folder); False: no cache.
         report: where the fallback and cache lines go.
     """
 
     def __init__(self, name: str, path: Path, sha256: str, precision: str = "fp32", threads: int | None = None,
-                 cache_dir: Path | None | bool = None, cpu: CpuInfo | None = None, report=None):
+                 cache_dir: Path | None | bool = None, cpu: CpuInfo | None = None, report=None,
+                 quantised: bool = False):
         ov = _import_openvino()
         if threads is not None and threads < 1:
             raise OpenVinoError(f"threads must be at least 1, got {threads}")
         self.name, self.path, self.sha256 = name, Path(path), sha256
         self.cpu = cpu or cpu_info()
         self.report = report or (lambda line: None)
-        self.requested = precision
-        self.settings = CompileSettings(PRECISIONS[precision], threads or 0)
+        if precision not in HINTS:
+            raise OpenVinoError(f"compile precision {precision!r}: choose one of {', '.join(HINTS)}")
+        self.quantised = quantised
+        self.settings = CompileSettings(HINTS[precision], threads or 0)
         self.fallback: str | None = None  # what was given up, and why (never silent)
         self.from_cache = False
         self._core = ov.Core()
@@ -232,8 +259,8 @@ class OpenVinoRunner:
     # -- running ---------------------------------------------------------------------------------
     @property
     def precision(self) -> str:
-        """What runs: "bf16", "fp32", or the int8 piece's "int8"."""
-        if self.requested == "int8":
+        """What runs: "bf16", "fp32", or "int8" for an int8 file."""
+        if self.quantised:
             return "int8"
         return "bf16" if self.settings.precision == "bf16" else "fp32"
 

@@ -124,7 +124,7 @@ class Segmenter:
         pieces = {name: self.manifest.pieces[name].variant(self.precision) for name in PIECE_NAMES}
         if backend == "openvino":
             from .cpu import cpu_info
-            from .openvino_backend import OpenVinoRunner, resolve_precision
+            from .openvino_backend import OpenVinoRunner, piece_hint, resolve_precision
 
             cpu = cpu or cpu_info()
             precision, note = resolve_precision(self.precision, cpu)
@@ -132,11 +132,14 @@ class Segmenter:
                 self._choice.append(note)
                 report(f"note: {note}")
             self.precision = precision
-            runners = {
-                name: OpenVinoRunner(name, self.root / piece.file, piece.sha256, precision, threads,
-                                     cache_dir, cpu, report)
-                for name, piece in pieces.items()
-            }
+            runners = {}
+            for name, piece in pieces.items():
+                hint, note = piece_hint(name, self.manifest.pieces[name], precision, cpu)
+                if note:
+                    self._choice.append(note)
+                    report(f"note: {note}")
+                runners[name] = OpenVinoRunner(name, self.root / piece.file, piece.sha256, hint, threads, cache_dir, cpu,
+                                               report, quantised=piece.precision == "int8")
             return runners
         from .onnxruntime_backend import OnnxRuntimeRunner
 

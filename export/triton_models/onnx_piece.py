@@ -32,7 +32,7 @@ def _onnxruntime(threads: int, args):
     return [i.name for i in session.get_inputs()], outputs, lambda feeds: dict(zip(outputs, session.run(outputs, feeds)))
 
 
-def _openvino(threads: int, precision: str, sha256: str, name: str):
+def _openvino(threads: int, precision: str, sha256: str, name: str, quantised: bool, bf16_refused: bool):
     orchestrator = HERE.parents[1] / "scan" / "1"  # DIR/scan_<piece>/1 -> DIR/scan/1 (written together)
     if str(orchestrator) not in sys.path:
         sys.path.insert(0, str(orchestrator))
@@ -44,7 +44,11 @@ def _openvino(threads: int, precision: str, sha256: str, name: str):
     report = lambda line: print(f"{name}: {line}", file=sys.stderr, flush=True)  # noqa: E731
     if note:
         report(f"note: {note}")
-    runner = OpenVinoRunner(name, HERE / "model.onnx", sha256, precision, threads or None, cpu=cpu, report=report)
+    # As runtime.openvino_backend.piece_hint: int8 runs the other pieces bf16 where the CPU is native,
+    # and a piece whose bf16 check failed at export stays f32.
+    bf16 = (precision == "bf16" or (precision == "int8" and cpu.native_bf16)) and (quantised or not bf16_refused)
+    runner = OpenVinoRunner(name, HERE / "model.onnx", sha256, "bf16" if bf16 else "fp32", threads or None, cpu=cpu,
+                            report=report, quantised=quantised)
     return runner.input_names, runner.output_names, runner.run
 
 
@@ -54,8 +58,9 @@ class TritonPythonModel:
         parameters = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
         threads = int(parameters.get("threads", "0") or 0)
         if parameters.get("engine", "onnxruntime") == "openvino":
-            self.inputs, self.outputs, self.run = _openvino(threads, parameters.get("precision", "fp32"),
-                                                            parameters.get("sha256", "unknown"), config["name"])
+            self.inputs, self.outputs, self.run = _openvino(
+                threads, parameters.get("precision", "fp32"), parameters.get("sha256", "unknown"), config["name"],
+                parameters.get("quantised") == "true", parameters.get("bf16_refused") == "true")
         else:
             self.inputs, self.outputs, self.run = _onnxruntime(threads, args)
 
