@@ -60,8 +60,7 @@ def node_scopes(node: onnx.NodeProto) -> list[str]:
 
 def ignored_nodes(model: onnx.ModelProto, scope: tuple[str, ...]) -> list[str]:
     """Names of the nodes outside `scope` (module-path prefixes): the ones NNCF must leave in fp32."""
-    inside = lambda node: any(path.startswith(prefix) for path in node_scopes(node) for prefix in scope)  # noqa: E731
-    return [node.name for node in model.graph.node if not inside(node)]
+    return [node.name for node in model.graph.node if not any(path.startswith(scope) for path in node_scopes(node))]
 
 
 def quantize_piece(piece: str, fp32_path: Path, out_path: Path, feeds: list[dict[str, np.ndarray]],

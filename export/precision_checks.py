@@ -71,8 +71,8 @@ def _runner(name, path, sha256, engine, precision, threads, cpu):
 
         return OnnxRuntimeRunner(name, path, None, threads, "all", precision)
     from runtime.cpu import cpu_info
-    from runtime.openvino_backend import OpenVinoRunner
+    from runtime.openvino_backend import OpenVinoRunner, compile_hint
 
-    cpu = cpu or cpu_info()
-    hint = "bf16" if precision == "bf16" or cpu.native_bf16 else "fp32"
-    return OpenVinoRunner(name, path, sha256, hint, threads, cache_dir=False, cpu=cpu, quantised=precision == "int8")
+    cpu, quantised = cpu or cpu_info(), precision == "int8"
+    return OpenVinoRunner(name, path, sha256, compile_hint(precision, cpu, quantised), threads, cache_dir=False,
+                          cpu=cpu, quantised=quantised)

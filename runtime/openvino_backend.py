@@ -90,25 +90,27 @@ def resolve_precision(precision: str, cpu: CpuInfo) -> tuple[str, str | None]:
     return precision, None
 
 
-def piece_hint(name: str, piece, precision: str, cpu: CpuInfo) -> tuple[str, str | None]:
-    """The compile hint of one piece (a `runtime.manifest.Piece`) in a run at `precision` (after
-    `resolve_precision`), and a note where the export's numeric gate kept it from bf16.
-
-    bf16 runs every piece bf16; int8 runs the int8 files and the other pieces bf16 where the CPU
-    is native (the int8 files' checks ran that way), f32 elsewhere. A fp32 file whose bf16 check
-    failed at export runs f32.
-    """
+def compile_hint(precision: str, cpu: CpuInfo, quantised: bool = False, bf16_refused: bool = False) -> str:
+    """OpenVINO's compile hint ("bf16" or "fp32") for one file in a run at `precision` (after
+    `resolve_precision`): bf16 runs every piece bf16; int8 runs the int8 files and the other pieces
+    bf16 where the CPU is native, f32 elsewhere; a fp32 file whose bf16 check failed at export
+    (`bf16_refused`) runs f32."""
     wants_bf16 = precision == "bf16" or (precision == "int8" and cpu.native_bf16)
-    if not wants_bf16:
-        return "fp32", None
-    if precision == "int8" and piece.int8 is not None:
-        return "bf16", None
+    return "bf16" if wants_bf16 and (quantised or not bf16_refused) else "fp32"
+
+
+def piece_hint(name: str, piece, precision: str, cpu: CpuInfo) -> tuple[str, str | None]:
+    """`compile_hint` for one piece (a `runtime.manifest.Piece`) of a bundle, and a note where the
+    export's numeric gate kept it from bf16."""
+    quantised = precision == "int8" and piece.int8 is not None
     check = piece.bf16_check()
-    if check is not None and not check.passed:
+    refused = check is not None and not check.passed
+    hint = compile_hint(precision, cpu, quantised, refused)
+    if hint == "fp32" and refused and compile_hint(precision, cpu, quantised) == "bf16":
         worst = min(check.min_cosine, key=check.min_cosine.get)
-        return "fp32", (f"{name}: runs f32, not bf16: at export its {worst} kept a cosine of "
-                        f"{check.min_cosine[worst]:.4f} to fp32 in bf16, under the gate's {check.required_cosine}")
-    return "bf16", None
+        return hint, (f"{name}: runs f32, not bf16: at export its {worst} kept a cosine of "
+                      f"{check.min_cosine[worst]:.4f} to fp32 in bf16, under the gate's {check.required_cosine}")
+    return hint, None
 
 
 class OpenVinoRunner:

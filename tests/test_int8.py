@@ -150,6 +150,18 @@ def _adapter_feeds(manifest, seed: int = 0) -> dict:
     }
 
 
+def _edited_copy(bundle, copy, edit):
+    """`bundle`'s files linked into `copy`, with its manifest passed through `edit` (a dict in place)."""
+    copy.mkdir()
+    for entry in bundle.iterdir():
+        if entry.name != MANIFEST:
+            os.symlink(entry, copy / entry.name)
+    manifest = json.loads((bundle / MANIFEST).read_text())
+    edit(manifest)
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+    return copy
+
+
 def test_precision_values():
     assert check_precision("fp32") == () and check_precision("fp16") == ("fp16",) and check_precision("int8") == ("int8",)
     assert check_precision("int8,fp16") == check_precision("fp16, int8") == ("fp16", "int8")
@@ -172,15 +184,11 @@ def test_runtime_refuses_int8_where_it_cannot_run(tiny_bundle, tmp_path):
     with pytest.raises(ScanError, match="choose one of fp32, fp16, bf16, int8"):
         Segmenter(tiny_bundle.path, backend="onnxruntime", precision="int4")
     # A bundle exported without int8 (an older schema-2 manifest has no int8 fields at all).
-    copy = tmp_path / "no_int8"
-    copy.mkdir()
-    for entry in tiny_bundle.path.iterdir():
-        if entry.name != MANIFEST:
-            os.symlink(entry, copy / entry.name)
-    manifest = json.loads((tiny_bundle.path / MANIFEST).read_text())
-    for piece in manifest["pieces"].values():
-        del piece["int8"]
-    (copy / MANIFEST).write_text(json.dumps(manifest))
+    def drop_int8(manifest):
+        for piece in manifest["pieces"].values():
+            del piece["int8"]
+
+    copy = _edited_copy(tiny_bundle.path, tmp_path / "no_int8", drop_int8)
     assert all(p.int8 is None for p in read_manifest(copy).pieces.values())
     with pytest.raises(BundleError, match=r"scan export --precision int8") as info:
         Segmenter(copy, backend="onnxruntime", precision="int8")
@@ -248,17 +256,13 @@ def test_a_piece_that_failed_the_bf16_check_runs_f32_and_says_so(tiny_bundle, tm
 
     from runtime.cpu import cpu_info
 
-    copy = tmp_path / "bundle"
-    copy.mkdir()
-    for entry in tiny_bundle.path.iterdir():
-        if entry.name != MANIFEST:
-            os.symlink(entry, copy / entry.name)
-    manifest = json.loads((tiny_bundle.path / MANIFEST).read_text())
-    manifest["pieces"]["mask_decoder"]["precision_checks"] = [{
-        "engine": "openvino", "precision": "bf16", "compiled": "bf16-t2", "inputs": "a test", "calls": 3,
-        "min_cosine": {"class_logits": 0.9, "mask_logits": 0.999}, "max_rel": {"class_logits": 0.5, "mask_logits": 0.01},
-        "required_cosine": 0.99, "passed": False}]
-    (copy / MANIFEST).write_text(json.dumps(manifest))
+    def fail_bf16(manifest):
+        manifest["pieces"]["mask_decoder"]["precision_checks"] = [{
+            "engine": "openvino", "precision": "bf16", "compiled": "bf16-t2", "inputs": "a test", "calls": 3,
+            "min_cosine": {"class_logits": 0.9, "mask_logits": 0.999},
+            "max_rel": {"class_logits": 0.5, "mask_logits": 0.01}, "required_cosine": 0.99, "passed": False}]
+
+    copy = _edited_copy(tiny_bundle.path, tmp_path / "bundle", fail_bf16)
     lines: list[str] = []
     native = replace(cpu_info(), native_bf16=True)
     segmenter = Segmenter(copy, backend="openvino", precision="bf16", resize=False, cache_dir=tmp_path / "c",

@@ -37,18 +37,16 @@ def _openvino(threads: int, precision: str, sha256: str, name: str, quantised: b
     if str(orchestrator) not in sys.path:
         sys.path.insert(0, str(orchestrator))
     from runtime.cpu import cpu_info
-    from runtime.openvino_backend import OpenVinoRunner, resolve_precision
+    from runtime.openvino_backend import OpenVinoRunner, compile_hint, resolve_precision
 
     cpu = cpu_info()
     precision, note = resolve_precision(precision, cpu)
     report = lambda line: print(f"{name}: {line}", file=sys.stderr, flush=True)  # noqa: E731
     if note:
         report(f"note: {note}")
-    # As runtime.openvino_backend.piece_hint: int8 runs the other pieces bf16 where the CPU is native,
-    # and a piece whose bf16 check failed at export stays f32.
-    bf16 = (precision == "bf16" or (precision == "int8" and cpu.native_bf16)) and (quantised or not bf16_refused)
-    runner = OpenVinoRunner(name, HERE / "model.onnx", sha256, "bf16" if bf16 else "fp32", threads or None, cpu=cpu,
-                            report=report, quantised=quantised)
+    hint = compile_hint(precision, cpu, quantised, bf16_refused)
+    runner = OpenVinoRunner(name, HERE / "model.onnx", sha256, hint, threads or None, cpu=cpu, report=report,
+                            quantised=quantised)
     return runner.input_names, runner.output_names, runner.run
 
 
