@@ -2,7 +2,7 @@
 
 A preset or checkpoint is exported into `<user cache>/bundles/<name>-<key>/`, the key a hash of
 everything the export depends on (config, weights, precision, scan-deploy version, manifest
-schema), and reused while its manifest reads. For a user's `--bundle` the eager model is rebuilt
+schema, the int8 method), and reused while its manifest reads. For a user's `--bundle` the eager model is rebuilt
 from the manifest's config and checked against the bundle (its recorded non-object embedding),
 so eager and the runtime always run the same weights.
 """
@@ -34,6 +34,10 @@ def export_key(config: dict, weights: str, precision: str) -> str:
     """16 hex digits naming one export: the same inputs always give the same key."""
     payload = {"config": config, "weights": weights, "precision": precision, "scan_deploy": scan_deploy_version(),
                "manifest_schema": SCHEMA_VERSION}
+    if "int8" in precision.split(","):
+        from export.int8 import METHOD
+
+        payload["int8_method"] = METHOD  # int8 pieces quantised another way are another export
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -20,7 +20,7 @@ from .errors import ScanError
 from .files import verify_files
 from .images import ImageError, load_image, resize_shortest_edge
 from .manifest import Manifest, read_manifest
-from .postprocess import ensemble_class_scores, labels_from_scores, sigmoid, upsample_masks
+from .postprocess import ensemble_class_scores, labels_from_scores, mask_probabilities
 from .preprocess import nearest_square, normalise_and_pad
 from .result import SegmentationResult
 from .settings import InferenceSettings, benchmark_settings, random_shift_keys, shift_counts, shift_key
@@ -45,7 +45,8 @@ class Segmenter:
             ONNX Runtime on CUDA where onnxruntime-gpu sees a GPU, else OpenVINO where it is
             installed, else ONNX Runtime; `self.notes` says which and why.
         providers: ONNX Runtime execution providers (default: CUDA where available, then CPU).
-        threads: inference threads of ONNX Runtime or OpenVINO (default: all cores).
+        threads: inference threads of ONNX Runtime or OpenVINO, and of the numpy post-processing (mask
+            upsampling, labels), which runs here also with `runners` (default: all usable cores).
         precision: "fp32"; "bf16" (OpenVINO on a CPU with native BF16; elsewhere it runs fp32 and
             says so); "fp16" for the bundle's fp16 pieces/engines; "int8" for its int8 pieces (CPU;
             pieces without an int8 variant run fp32). None: bf16 for OpenVINO where the CPU has
@@ -92,6 +93,7 @@ class Segmenter:
         self.backend = backend
         self.precision = precision
         self.resize = resize
+        self.threads = threads  # the post-processing's; None: every usable CPU
         missing = [p for p in PIECE_NAMES if p not in self.manifest.pieces]
         if missing:
             raise ScanError(f"bundle {self.root} lacks the piece(s) {', '.join(missing)}: export the whole model with `scan export`")
@@ -226,8 +228,8 @@ class Segmenter:
             **{k: encoded[k] for k in ("mask_features", "features_0", "features_1", "features_2", "clip_context", "global_cls")},
             "text_classifier": self._classifier,
         })
-        logits = upsample_masks(decoded["mask_logits"][0], swin.shape[-2:], resized.shape[:2])
-        probs = sigmoid(logits, out=logits)  # in place: the (Q, h, w) array is the largest of the pipeline
+        # Upsampled and sigmoid in one pass: the (Q, h, w) array is the largest of the pipeline.
+        probs = mask_probabilities(decoded["mask_logits"][0], swin.shape[-2:], resized.shape[:2], threads=self.threads)
         clock.lap("mask_decoder")
         return _Proposals(decoded["class_logits"][0], probs, encoded["shift_tokens"][0])
 
@@ -248,7 +250,8 @@ class Segmenter:
                                        log_branch=settings.log_ensemble)
         clock.lap("ensemble")
         best = np.empty(out_size, dtype=np.float32)
-        label_map, sem_seg = labels_from_scores(scores, probs, out_size, keep_scores=return_scores, label_scores=best)
+        label_map, sem_seg = labels_from_scores(scores, probs, out_size, keep_scores=return_scores, label_scores=best,
+                                                threads=self.threads)
         clock.lap("postprocess")
         return label_map, sem_seg, int(valid.sum()), best
 

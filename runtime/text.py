@@ -38,6 +38,7 @@ from .tokenizer import length_batches
 MAGIC = b"SCANTXT1"
 SUFFIX = ".shard"
 FLUSH_NAMES = 1024  # names per shard while filling: a killed fill loses at most this much work
+SORT_PROMPTS = 4096  # prompts sorted by length together before batching (about 2.5 MB of tokens)
 MAX_SHARDS = 32  # beyond this many shards a writer merges them, so a warm start stays a few reads
 
 
@@ -280,12 +281,15 @@ class TextEmbedder:
     def _encode(self, names: list[str]) -> None:
         """Encode in groups of whole names, at most `batch_size` prompts per encoder call.
 
-        Only one group's prompts, tokens and per-prompt features exist at a time, so memory
-        is bounded by the batch size, not the vocabulary; finished rows go to disk every
-        FLUSH_NAMES names (when the cache is writable).
+        A group holds about SORT_PROMPTS prompts: they are sorted by length across the whole
+        group before batching, so each batch is cut to a length close to its prompts' own (in
+        groups of one batch, a single long name would set the length of the batch). Only one
+        group's prompts, tokens and per-prompt features exist at a time, so memory is bounded,
+        not the vocabulary's; finished rows go to disk every FLUSH_NAMES names (when the cache
+        is writable).
         """
         t = len(self.templates)
-        group = max(1, self.batch_size // t)
+        group = max(1, max(self.batch_size, SORT_PROMPTS) // t)
         pending: list[str] = []
         for start in range(0, len(names), group):
             chunk = names[start : start + group]

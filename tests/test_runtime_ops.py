@@ -14,6 +14,7 @@ u = 2**-24 (float32 unit roundoff). Tolerances, each justified where it is asser
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -27,9 +28,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from runtime.postprocess import _plan, ensemble_class_scores, labels_from_scores, semantic_map, sigmoid, upsample_masks
+from runtime.postprocess import (ensemble_class_scores, labels_from_scores, mask_probabilities, plan_labels, semantic_map,
+                                 sigmoid, upsample_masks)
 from runtime.preprocess import nearest_square, normalise_and_pad
-from runtime.resize import axis_taps, resize_bilinear
+from runtime.resize import axis_taps, resize_bilinear, thread_count
 from scan_model import ensemble as eager
 from scan_model.config import SWIN_PIXEL_MEAN, SWIN_PIXEL_STD
 from scan_model.model import ScanModel
@@ -326,8 +328,8 @@ def test_labels_bands_and_chunks_equal_the_whole(queries, classes, h, w, out_h, 
         np.testing.assert_array_equal(whole, semantic_map(scores, probs))
     assert np.any(np.sort(whole, axis=0)[-1] == np.sort(whole, axis=0)[-2])  # ties are exercised
     budget = 1 << 12
-    rows, chunk, _ = _plan(axis_taps(h, out_h), classes, w, out_w, budget)
-    assert rows < out_h and chunk < classes  # several bands and chunks
+    plan = plan_labels((h, w), (out_h, out_w), classes, budget)
+    assert len(plan.parts) > 1 and plan.chunk < classes  # several tiles or bands, and chunks
     for budget_bytes in (budget, 256 << 20):
         labels, kept = labels_from_scores(scores, probs, (out_h, out_w), keep_scores=True, budget_bytes=budget_bytes)
         np.testing.assert_array_equal(kept, whole)
@@ -345,7 +347,8 @@ def test_labels_ties_keep_the_first_class_across_chunks():
     scores[:, 29] = scores[:, 3]  # ...and its duplicate, in another chunk
     probs = (rng.integers(0, 17, (20, 24, 32)) / 16).astype(F32)
     probs[:, :6] = 0  # rows where every class scores 0: label 0
-    assert _plan(axis_taps(24, 77), 30, 32, 101, 1 << 16)[1] < 30  # 3 and 29 in different chunks
+    chunk = plan_labels((24, 32), (77, 101), 30, 1 << 16).chunk
+    assert 3 // chunk != 29 // chunk  # 3 and 29 in different chunks
     labels = labels_from_scores(scores, probs, (77, 101), budget_bytes=1 << 16)[0]
     assert np.any(labels == 3) and not np.any(labels == 29)
     assert np.all(labels[:10] == 0)
@@ -363,24 +366,28 @@ def _peak_working_bytes(function) -> tuple[object, int]:
     return result, peak
 
 
-def test_labels_memory_is_bounded_with_5000_classes():
+@pytest.mark.parametrize("threads", [1, 8])
+def test_labels_memory_is_bounded_with_5000_classes(threads):
     rng = np.random.default_rng(12)
     scores, probs = _dyadic(rng, (100, 5000)), _dyadic(rng, (100, 32, 48))
     out_size, budget = (120, 160), 32 << 20
     assert 5000 * out_size[0] * out_size[1] * 4 > 10 * budget  # the whole resized map: 384 MB
-    (labels, _), peak = _peak_working_bytes(lambda: labels_from_scores(scores, probs, out_size, budget_bytes=budget))
+    (labels, _), peak = _peak_working_bytes(
+        lambda: labels_from_scores(scores, probs, out_size, budget_bytes=budget, threads=threads))
     assert peak <= budget + labels.nbytes, f"peak {peak / 2**20:.1f} MiB"
     sem = semantic_map(scores, probs)  # exact (dyadic): labels must be its resized argmax
     for band in (slice(0, 8), slice(57, 63), slice(112, 120)):
         np.testing.assert_array_equal(labels[band], resize_bilinear(sem, out_size, rows=band).argmax(axis=0))
 
 
-def test_labels_memory_is_bounded_on_a_huge_output():
+@pytest.mark.parametrize("threads", [1, 8])
+def test_labels_memory_is_bounded_on_a_huge_output(threads):
     rng = np.random.default_rng(13)
     scores, probs = _dyadic(rng, (100, 20)), _dyadic(rng, (100, 160, 214))  # exact semantic map in any band
     out_size, budget = (10000, 10000), 256 << 20
     start = time.perf_counter()
-    (labels, _), peak = _peak_working_bytes(lambda: labels_from_scores(scores, probs, out_size, budget_bytes=budget))
+    (labels, _), peak = _peak_working_bytes(
+        lambda: labels_from_scores(scores, probs, out_size, budget_bytes=budget, threads=threads))
     elapsed = time.perf_counter() - start
     assert labels.shape == out_size
     assert peak <= budget + labels.nbytes, f"peak {peak / 2**20:.1f} MiB"
@@ -389,3 +396,84 @@ def test_labels_memory_is_bounded_on_a_huge_output():
     for first in (0, 4321, 9990):  # bands against the banded resize of the whole map
         band = slice(first, first + 10)
         np.testing.assert_array_equal(labels[band], resize_bilinear(sem, out_size, rows=band).argmax(axis=0))
+
+
+@pytest.mark.parametrize("threads", [1, 8])
+def test_mask_probabilities_memory_is_bounded(threads):
+    """The threads' scratch together stays under the budget; the (Q, H, W) output is not counted."""
+    logits = (np.random.default_rng(14).standard_normal((100, 160, 216)) * 4).astype(F32)
+    budget = 16 << 20
+    probs, peak = _peak_working_bytes(
+        lambda: mask_probabilities(logits, (640, 864), (640, 853), threads=threads, budget_bytes=budget))
+    assert peak <= budget + probs.nbytes, f"peak {(peak - probs.nbytes) / 2**20:.1f} MiB beyond the output"
+
+
+# -- threads -----------------------------------------------------------------------------------
+
+
+def test_thread_count_defaults_to_the_usable_cpus():
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert thread_count(None) == usable and thread_count(3) == 3
+    with pytest.raises(ValueError):
+        thread_count(0)
+
+
+@pytest.mark.parametrize("image", [(640, 853), (150, 213), (1, 1)])
+def test_masks_are_bit_identical_across_thread_counts(image):
+    """Bands and blocks depend on the thread count; values never do. The fused sigmoid is the
+    separate one, bit for bit (the same steps on contiguous blocks)."""
+    padded = (-(-image[0] // 32) * 32, -(-image[1] // 32) * 32)
+    logits = (np.random.default_rng(image[0]).standard_normal((37, padded[0] // 4, padded[1] // 4)) * 4).astype(F32)
+    one = upsample_masks(logits, padded, image, threads=1)
+    np.testing.assert_array_equal(upsample_masks(logits, padded, image, threads=3), one)
+    np.testing.assert_array_equal(upsample_masks(logits, padded, image, threads=4, budget_bytes=1 << 16), one)
+    probs = mask_probabilities(logits, padded, image, threads=1)
+    np.testing.assert_array_equal(probs, sigmoid(one, threads=1))
+    np.testing.assert_array_equal(mask_probabilities(logits, padded, image, threads=3), probs)
+    np.testing.assert_array_equal(sigmoid(one, threads=3), probs)
+
+
+@pytest.mark.parametrize("queries,classes,h,w,out_h,out_w,budget", [
+    (100, 150, 160, 160, 160, 160, 256 << 20),  # no resize: tiles of pixels
+    (100, 150, 40, 60, 160, 240, 256 << 20),  # up
+    (50, 80, 90, 70, 31, 45, 256 << 20),  # down
+    (20, 70, 24, 32, 77, 101, 1 << 16),  # many bands and chunks
+    (20, 70, 30, 30, 30, 30, 1 << 14),  # many tiles and chunks
+    (10, 40, 20, 30, 20, 77, 1 << 20),  # width only
+])
+def test_labels_are_bit_identical_across_thread_counts(queries, classes, h, w, out_h, out_w, budget):
+    """Task shapes (the matrix products' among them) come from the sizes and the budget only:
+    labels, kept scores and label scores are the same bits on 1 and on several threads."""
+    rng = np.random.default_rng(queries + classes + out_w)
+    scores = rng.random((queries, classes), dtype=F32)
+    probs = sigmoid((rng.standard_normal((queries, h, w)) * 4).astype(F32))
+    results = []
+    for threads in (1, 2, 5):
+        best = np.empty((out_h, out_w), F32)
+        labels, kept = labels_from_scores(scores, probs, (out_h, out_w), keep_scores=True, budget_bytes=budget,
+                                          label_scores=best, threads=threads)
+        results.append((labels, kept, best))
+    for labels, kept, best in results[1:]:
+        np.testing.assert_array_equal(labels, results[0][0])
+        np.testing.assert_array_equal(kept, results[0][1])
+        np.testing.assert_array_equal(best, results[0][2])
+
+
+def test_resize_bilinear_is_bit_identical_across_thread_counts():
+    x = (np.random.default_rng(15).standard_normal((9, 37, 53)) * 5).astype(F32)
+    one = resize_bilinear(x, (300, 401), threads=1)
+    np.testing.assert_array_equal(resize_bilinear(x, (300, 401), threads=4, budget_bytes=1 << 14), one)
+
+
+def test_labels_with_a_nan_class_follow_torch():
+    """A NaN score counts as the maximum within a chunk (numpy's argmax, torch's max): the class
+    wins every pixel when it is in the first chunk of both, and its score is NaN."""
+    rng = np.random.default_rng(16)
+    scores, probs = rng.random((10, 40), dtype=F32), rng.random((10, 12, 16), dtype=F32)
+    scores[3, 5] = np.nan
+    expected, _, expected_best = _postprocess(eager.semantic_map(torch.from_numpy(scores), torch.from_numpy(probs)),
+                                              (30, 41), False)
+    best = np.empty((30, 41), F32)
+    labels, _ = labels_from_scores(scores, probs, (30, 41), label_scores=best)
+    np.testing.assert_array_equal(labels, expected)
+    assert np.all(labels == 5) and np.all(np.isnan(best)) and np.all(np.isnan(expected_best))
