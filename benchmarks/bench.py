@@ -63,6 +63,7 @@ def run_bench(backends: list, inputs: BenchInputs, plan: BenchPlan, model: dict,
             entries[backend.name]["text"] = vars(backend.text_cost(inputs.vocabulary, "main"))
         sweeps = run_sweeps(backends, inputs, plan, report)
         threads = thread_counts(plan.threads)
+    compute = _compute(entries, model, plan, report, notes)
     if "eager" not in entries:
         notes.append("label_agreement is null: it compares with eager, which was not among the backends")
     if inputs.resize:
@@ -89,8 +90,25 @@ def run_bench(backends: list, inputs: BenchInputs, plan: BenchPlan, model: dict,
         "backends": entries,
         "ratios": ratios,
         "sweeps": sweeps,
+        "compute": compute,
         "notes": notes,
     }
+
+
+def _compute(entries: dict, model: dict, plan: BenchPlan, report, notes: list[str]) -> dict | None:
+    """This machine's fp32, bf16 and int8 matrix-product rates (OpenVINO), measured in this run, and
+    the rate each backend's region stage reached: how far each stands from the machine's limits."""
+    if any(e["device"] != "cpu" for e in entries.values()) or not model.get("clip_vision"):
+        return None
+    try:
+        from .gemm_rates import gemm_rates, region_rates
+
+        report("bench: the machine's matrix-product rates (OpenVINO, fp32 / bf16 / int8)")
+        rates = gemm_rates(plan.threads)
+    except ImportError as exc:  # the runtime-only install may lack onnx, which writes the test graphs
+        notes.append(f"compute is null: the matrix-product rates need {exc.name}")
+        return None
+    return {"gemm": rates, "region_stage": region_rates(entries, model["clip_vision"], rates)}
 
 
 def _measure(backends: list, inputs: BenchInputs, plan: BenchPlan, report) -> tuple[dict, dict]:

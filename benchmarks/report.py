@@ -63,6 +63,16 @@ def markdown(result: dict) -> str:
         lines += ["", f"Sweep {name} ({sweep['measures']}; mean):", ""]
         lines += _table([name, *sweep["backends"]], [[str(v), *(_s(rows[i]["mean_s"]) for rows in sweep["backends"].values())]
                                                      for i, v in enumerate(sweep["values"])])
+    compute = result.get("compute")  # absent in results from before it was recorded
+    if compute:
+        rates = compute["gemm"]["gflop_per_s"]
+        lines += ["", f"Compute (GFLOP/s; a {compute['gemm']['size']}-cube MatMul in OpenVINO: fp32 {_s(rates['fp32'])}, "
+                      f"bf16 {_s(rates['bf16'])}, int8 {_s(rates['int8'])}; the region stage at "
+                      f"{compute['region_stage']['tower_gflop_per_crop']:.1f} GFLOP per crop):", ""]
+        lines += _table(["backend", "region stage GFLOP/s", "share of the int8 rate"],
+                        [[name, _s(r["gflop_per_s"]), "-" if r["share_of_int8_rate"] is None
+                          else f"{100 * r['share_of_int8_rate']:.0f}%"]
+                         for name, r in compute["region_stage"]["backends"].items()])
     for note in result["notes"]:
         lines += ["", f"Note: {note}"]
     return "\n".join(lines) + "\n"

@@ -64,7 +64,8 @@ def run_bench_job(opts: BenchOptions) -> dict:
     inputs = BenchInputs(images, image_names, checked.vocabulary, vocabulary_name, resize)
     plan = BenchPlan(runs=opts.runs, warmup=opts.warmup, threads=checked.threads, seed=opts.seed, sweeps=checked.sweeps)
     model = {"name": checked.config["name"], "source": checked.source, "weights": checked.weights,
-             "bundles": {n.name: str(bundles[n.variant]) for n in checked.names if n.kind != "eager"}}
+             "bundles": {n.name: str(bundles[n.variant]) for n in checked.names if n.kind != "eager"},
+             "clip_vision": checked.config.get("clip", {}).get("vision")}
     with tempfile.TemporaryDirectory(prefix="scan-bench-") as cache_root:  # text caches of this run only
         backends = [
             EagerBackend(eager_model, resize, opts.seed) if n.kind == "eager"

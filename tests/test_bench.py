@@ -26,7 +26,7 @@ NUM, OPT_NUM, OPT_INT, OPT_STR = (int, float), (int, float, type(None)), (int, t
 PERCENTILES = {"p50": NUM, "p90": NUM, "p99": NUM, "mean": NUM}
 TOP = {
     "schema_version": int, "method": str, "runs": int, "warmup": int, "seed": int, "notes": list, "ratios": dict,
-    "sweeps": dict,
+    "sweeps": dict, "compute": (dict, type(None)),
     "machine": {"cpu": str, "logical_cores": int, "memory_bytes": OPT_INT, "os": str, "python": str},
     "threads": {"torch_intra_op": OPT_INT, "torch_inter_op": OPT_INT, "onnxruntime_intra_op": int, "onnxruntime_inter_op": int},
     "versions": {k: OPT_STR for k in ("numpy", "torch", "onnxruntime", "onnx", "tensorrt", "scan-deploy")},
@@ -191,6 +191,35 @@ def test_tiny_run_document(tiny_run):
     assert data["model"]["source"] == "bundle" and data["model"]["weights"] == "random weights (seed 0)"
     assert data["threads"]["torch_intra_op"] == 1 and data["threads"]["onnxruntime_intra_op"] == 1
     assert data["ratios"]["eager"] == 1.0
+
+
+def test_tiny_run_states_the_machine_rates_and_each_region_stage_rate(tiny_run):
+    """A CPU run measures fp32, bf16 (where native) and int8 matrix products, and each backend's
+    region stage in the same units; the tower's operations follow from the bundle's config."""
+    from benchmarks.gemm_rates import tower_flops
+    from runtime.cpu import cpu_info
+
+    _, out, data = tiny_run
+    compute = data["compute"]
+    rates = compute["gemm"]["gflop_per_s"]
+    assert rates["fp32"] > 0 and rates["int8"] > 0
+    assert (rates["bf16"] is not None) == cpu_info().native_bf16
+    vision = data["model"]["clip_vision"]
+    assert compute["region_stage"]["tower_gflop_per_crop"] == round(tower_flops(vision) / 1e9, 2)
+    for name, entry in data["backends"].items():
+        stage = compute["region_stage"]["backends"][name]
+        expected = entry["valid_regions"][0] * tower_flops(vision) / entry["stages"]["clip_adapter"]["mean"] / 1e9
+        assert stage["gflop_per_s"] == pytest.approx(expected, rel=1e-3, abs=0.05)
+        assert stage["share_of_int8_rate"] == pytest.approx(stage["gflop_per_s"] / rates["int8"], abs=1e-3)
+    assert "share of the int8 rate" in (out / "bench.md").read_text()
+
+
+def test_region_clip_of_vit_b_16_costs_32_7_gflop_per_crop():
+    """ViT-B/16 at 224 is the usual 17.6 G multiply-adds, less the last block's work on the 196
+    patch tokens (about 1.2 G: only the CLS token goes through it, keys and values aside)."""
+    from benchmarks.gemm_rates import tower_flops
+
+    assert tower_flops({"width": 768, "layers": 12, "patch_size": 16, "image_size": 224}) / 1e9 == pytest.approx(32.7, abs=0.05)
 
 
 def test_tiny_run_measurements(tiny_run):
