@@ -8,8 +8,10 @@ quantised at run time, what ONNX Runtime's own int8 path was before calibration)
 640x640, the fp32 image encoder's own shift tokens, region masks drawn as blobs (N per call, as
 the runtime chunks), a normalised random text classifier; the mask decoder gets the fp32 image
 encoder's outputs, the text encoder one prompt per ADE-150 name. Runs alternate between the
-forms; medians. Parity: max |int8 - fp32| / max |fp32| per output. This measurement decides what
-`onnxruntime-int8` runs (docs/performance.md).
+forms; medians. Parity: max |int8 - fp32| / max |fp32| per output. This measurement decided what
+`onnxruntime-int8` runs: the dynamic form where it is faster (export.int8.DYNAMIC_PIECES), the QDQ
+file elsewhere (docs/performance.md). A bundle's own dynamic file is not reused here: the dynamic
+form is written afresh to `--out`, so that old and new bundles are measured alike.
 
     python -m benchmarks.int8_speed --bundle /tmp/bench/vitb --out /tmp/int8_vitb \
         --json benchmarks/results/int8_vitb_640x640.json

@@ -35,9 +35,10 @@ def export_key(config: dict, weights: str, precision: str) -> str:
     payload = {"config": config, "weights": weights, "precision": precision, "scan_deploy": scan_deploy_version(),
                "manifest_schema": SCHEMA_VERSION}
     if "int8" in precision.split(","):
-        from export.int8 import METHOD
+        from export.int8 import DYNAMIC_METHOD, DYNAMIC_PIECES, METHOD
 
-        payload["int8_method"] = METHOD  # int8 pieces quantised another way are another export
+        # int8 pieces quantised another way are another export
+        payload["int8_method"] = [METHOD, DYNAMIC_METHOD, list(DYNAMIC_PIECES)]
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

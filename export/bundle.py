@@ -177,7 +177,7 @@ def reduced_precision(model: ScanModel, records: dict, root: Path, manifest: Man
     measure them and OpenVINO's bf16 against fp32 per piece: the manifest with those records.
     `remake()` rebuilds the manifest from `records` once the int8 variants are in them."""
     from .calibration import calibration_set, record_pieces
-    from .int8 import INT8_PIECES, METHOD, QUANTISED_SCOPES
+    from .int8 import DYNAMIC_METHOD, INT8_PIECES, METHOD, QUANTISED_SCOPES
     from .onnx_export import add_int8
     from .precision_checks import check_piece
 
@@ -186,15 +186,21 @@ def reduced_precision(model: ScanModel, records: dict, root: Path, manifest: Man
     report(f"calibration: {images.describe()}, " + ", ".join(f"{n} {len(c)} calls" for n, c in recording.inputs.items()))
     if int8:
         import nncf
+        import onnxruntime
 
         add_int8(model, records, root, recording.inputs, shapes[0], shapes[1:], report=report)
         caches, manifest = manifest.text_caches, remake()
         manifest.text_caches = caches
         for name in INT8_PIECES:
-            variant = manifest.pieces[name].int8
+            piece = manifest.pieces[name]
+            variant = piece.int8
             variant.quantisation = {"method": METHOD, "scope": list(QUANTISED_SCOPES[name]), "calibration": images.describe(),
                                     "calls": len(recording.inputs[name]), "nncf": nncf.__version__}
+            if piece.int8_dynamic is not None:
+                piece.int8_dynamic.quantisation = {"method": DYNAMIC_METHOD, "onnxruntime": onnxruntime.__version__}
+            # Each engine is checked on the file it runs (Piece.variant).
             for engine in ("onnxruntime", *(("openvino",) if _openvino_available() else ())):
+                variant = piece.variant("int8", engine)
                 check = check_piece(name, root / variant.file, variant.sha256, recording, engine, "int8", images.describe())
                 variant.precision_checks.append(check)
                 _report_check(name, check, report)
@@ -370,6 +376,8 @@ def _manifest(model: ScanModel, records: dict[str, PieceExport], root: Path, che
             pieces[name].fp16 = PieceFile(**_piece_file(record.fp16, root, FP16_TOLERANCE, 0.0))
         if record.int8 is not None:
             pieces[name].int8 = PieceFile(**_piece_file(record.int8, root, INT8_TOLERANCE, 0.0))
+        if record.int8_dynamic is not None:
+            pieces[name].int8_dynamic = PieceFile(**_piece_file(record.int8_dynamic, root, INT8_TOLERANCE, 0.0))
     return Manifest(
         schema_version=SCHEMA_VERSION,
         checks=CHECKS,

@@ -109,6 +109,7 @@ class PieceExport:
     external_data: bool = False
     fp16: PieceExport | None = None  # the fp16 variant, when one was asked for
     int8: PieceExport | None = None  # the calibrated int8 variant, for the pieces of INT8_PIECES
+    int8_dynamic: PieceExport | None = None  # ONNX Runtime's dynamic int8 variant, for DYNAMIC_PIECES
     exact_outputs: list[str] = field(default_factory=list)  # bool outputs: must match eager exactly
 
     def files(self) -> list[Path]:
@@ -211,14 +212,17 @@ def export_fp16(record: PieceExport, path: Path) -> PieceExport:
     return fp16
 
 
-def export_int8(record: PieceExport, path: Path, feeds: list[dict[str, np.ndarray]], report=None) -> PieceExport:
-    """The calibrated int8 variant of an exported fp32 piece (see export/int8.py), with the same
-    structural checks; `feeds` are its calibration calls."""
-    from .int8 import quantize_piece
+def export_int8(record: PieceExport, path: Path, feeds: list[dict[str, np.ndarray]] | None, report=None) -> PieceExport:
+    """The int8 variant of an exported fp32 piece (see export/int8.py), with the same structural
+    checks: calibrated on `feeds` (its recorded calls), or dynamic for ONNX Runtime (None)."""
+    from .int8 import quantize_dynamic_piece, quantize_piece
 
     start = time.perf_counter()
     try:
-        quantize_piece(record.name, record.path, path, feeds, external_data=record.external_data, report=report)
+        if feeds is None:
+            quantize_dynamic_piece(record.name, record.path, path, external_data=record.external_data, report=report)
+        else:
+            quantize_piece(record.name, record.path, path, feeds, external_data=record.external_data, report=report)
     except Exception as exc:  # the quantiser raises many types; one clear line for the user
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ExportError(f"{record.name}: int8 quantisation failed: {first}") from exc
@@ -235,16 +239,21 @@ def add_int8(model: ScanModel, records: dict[str, PieceExport], out_dir: Path, f
     """Calibrated int8 variants (`<piece>.int8.onnx`) of the pieces of `INT8_PIECES`, each checked
     like any export and its parity against eager bounded by `tolerance` (a broken quantisation
     only: export/precision_checks.py is the gate that measures the error against fp32)."""
-    from .int8 import INT8_PIECES
+    from .int8 import DYNAMIC_PIECES, INT8_PIECES
 
     for piece in INT8_PIECES:
         record = records[piece]
         record.int8 = export_int8(record, out_dir / f"{piece}.int8.onnx", feeds[piece], report)
-        for low, full in zip(ort_parity(model, record.int8, [example, *checks], sensitivity=False), record.parity):
-            low.eager_sensitivity = dict(full.eager_sensitivity)
-        parity_gate(record.int8, tolerance, multiple=0.0)  # bool outputs stay exact: computed in fp32
-        if report is not None:
-            report(f"{piece}: int8 parity worst {record.int8.worst_rel():.1e} against eager over {len(record.parity)} shapes")
+        if piece in DYNAMIC_PIECES:
+            record.int8_dynamic = export_int8(record, out_dir / f"{piece}.int8-dynamic.onnx", None, report)
+        for variant, label in ((record.int8, "int8"), (record.int8_dynamic, "int8 dynamic")):
+            if variant is None:
+                continue
+            for low, full in zip(ort_parity(model, variant, [example, *checks], sensitivity=False), record.parity):
+                low.eager_sensitivity = dict(full.eager_sensitivity)
+            parity_gate(variant, tolerance, multiple=0.0)  # bool outputs stay exact: computed in fp32
+            if report is not None:
+                report(f"{piece}: {label} parity worst {variant.worst_rel():.1e} against eager over {len(record.parity)} shapes")
 
 
 def _op_histogram(proto: onnx.ModelProto) -> dict[str, int]:

@@ -135,7 +135,8 @@ def write_repository(bundle: str | Path, out: str | Path, options: RepositoryOpt
 
 def _piece_sources(bundle: Path, manifest: Manifest, options: RepositoryOptions) -> dict:
     """Per piece: (Triton backend, the bundle file it serves, the graph's tensor specs)."""
-    onnx = {piece: manifest.pieces[piece].variant(options.precision) for piece in PIECE_NAMES}
+    engine = options.python_engine if options.piece_backend == "python" else options.piece_backend
+    onnx = {piece: manifest.pieces[piece].variant(options.precision, engine) for piece in PIECE_NAMES}
     if options.piece_backend != "tensorrt":
         return {piece: (options.piece_backend, onnx[piece], onnx[piece]) for piece in PIECE_NAMES}
     precision = "fp16" if options.precision == "fp16" else "fp32"

@@ -105,17 +105,23 @@ class Piece(PieceFile):
     fp16: PieceFile | None = None
     # Calibrated QDQ file (ONNX Runtime and OpenVINO); absent for pieces that stay fp32 (export/int8.py).
     int8: PieceFile | None = None
+    # Dynamically quantised file that ONNX Runtime runs instead of the QDQ one, for the pieces it
+    # runs faster that way (export.int8.DYNAMIC_PIECES, measured in docs/performance.md).
+    int8_dynamic: PieceFile | None = None
 
     def bf16_check(self) -> PrecisionCheck | None:
         """The export's bf16 check of this piece on OpenVINO; None where the exporting CPU had no native BF16."""
         return next((c for c in self.precision_checks if c.precision == "bf16" and c.engine == "openvino"), None)
 
-    def variant(self, precision: str) -> PieceFile:
-        """The file to run at `precision`; int8 falls back to fp32 for pieces without an int8 variant.
-        bf16 has no files of its own: OpenVINO compiles the fp32 pieces with a bf16 hint."""
+    def variant(self, precision: str, engine: str | None = None) -> PieceFile:
+        """The file `engine` runs at `precision`; int8 falls back to fp32 for pieces without an int8
+        variant, and ONNX Runtime takes the dynamically quantised file where there is one. bf16
+        has no files of its own: OpenVINO compiles the fp32 pieces with a bf16 hint."""
         if precision in ("fp32", "bf16"):
             return self
         if precision == "int8":
+            if engine == "onnxruntime" and self.int8_dynamic is not None:
+                return self.int8_dynamic
             return self.int8 if self.int8 is not None else self
         if precision == "fp16" and self.fp16 is not None:
             return self.fp16
@@ -247,7 +253,7 @@ class Manifest:
         records: list[FileRecord] = []
         for piece in self.pieces.values():
             records += piece.files()
-            for variant in (piece.fp16, piece.int8):
+            for variant in (piece.fp16, piece.int8, piece.int8_dynamic):
                 if variant is not None:
                     records += variant.files()
         records.append(self.tokenizer.bpe)

@@ -78,7 +78,7 @@ class OnnxRuntimeRunner:
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
-        self.name = name
+        self.name, self.path = name, Path(path)
         self.session = ort.InferenceSession(os.fspath(path), options, providers=providers)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]

@@ -98,7 +98,7 @@ class Segmenter:
         if missing:
             raise ScanError(f"bundle {self.root} lacks the piece(s) {', '.join(missing)}: export the whole model with `scan export`")
         self.manifest.check_variant(precision)
-        files = [] if runners else [f for p in PIECE_NAMES for f in self.manifest.pieces[p].variant(precision).files()]
+        files = [] if runners else [f for p in PIECE_NAMES for f in self.manifest.pieces[p].variant(precision, backend).files()]
         verify_files(self.root, [*files, self.manifest.tokenizer.bpe, *self.manifest.text_caches.values()],
                      hashes=verify == "hash")
         if runners and set(runners) != set(PIECE_NAMES):
@@ -123,7 +123,7 @@ class Segmenter:
             from .trt_engine import open_engines
 
             return open_engines(self.root, self.manifest, self.precision, report=report)
-        pieces = {name: self.manifest.pieces[name].variant(self.precision) for name in PIECE_NAMES}
+        pieces = {name: self.manifest.pieces[name].variant(self.precision, backend) for name in PIECE_NAMES}
         if backend == "openvino":
             from .cpu import cpu_info
             from .openvino_backend import OpenVinoRunner, piece_hint, resolve_precision

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -12,7 +13,7 @@ from typer.testing import CliRunner
 
 from cli import app
 from export.bundle import PIPELINE_AGREEMENT, check_precision, engine_precision
-from export.int8 import INT8_PIECES, QUANTISED_SCOPES, node_scopes, quantize_piece
+from export.int8 import DYNAMIC_METHOD, DYNAMIC_PIECES, INT8_PIECES, QUANTISED_SCOPES, node_scopes, quantize_piece
 from export.onnx_export import INT8_TOLERANCE
 from export.precision_checks import MIN_COSINE, output_errors
 from runtime.errors import BundleError, ScanError
@@ -42,15 +43,40 @@ def test_int8_pieces_are_written_and_recorded(tiny_bundle):
         assert [t.name for t in int8.inputs] == [t.name for t in manifest.pieces[name].inputs]
         assert int8.quantisation["scope"] == list(QUANTISED_SCOPES[name]) and int8.quantisation["calls"] >= 3
         assert "drawn scenes" in int8.quantisation["calibration"]
-        engines = {c.engine for c in int8.precision_checks}
-        assert "onnxruntime" in engines and all(c.passed and c.precision == "int8" for c in int8.precision_checks)
-        for check in int8.precision_checks:
+        # Each engine's check is on the file that engine runs (ONNX Runtime: the dynamic one where there is one).
+        for engine in ("onnxruntime", "openvino"):
+            runs = manifest.pieces[name].variant("int8", engine)
+            assert [c.engine for c in runs.precision_checks if c.engine == engine] == [engine], (name, engine)
+        checks = [*int8.precision_checks, *getattr(manifest.pieces[name].int8_dynamic, "precision_checks", [])]
+        assert all(c.passed and c.precision == "int8" for c in checks)
+        for check in checks:
             assert set(check.min_cosine) == {t.name for t in int8.outputs}
             assert min(check.min_cosine.values()) >= MIN_COSINE["int8"] and check.calls >= 3
         if name == "clip_adapter":  # the valid flags come from fp32 arithmetic: exact
             assert all(p.max_rel["valid"] == 0 for p in int8.parity)
             assert all(c.min_cosine["valid"] == 1.0 for c in int8.precision_checks)
     assert any(line.startswith("calibration: 3 drawn scenes") for line in tiny_bundle.log)
+
+
+def test_onnxruntime_gets_a_dynamic_int8_file_for_the_pieces_it_runs_faster_that_way(tiny_bundle, tmp_path):
+    manifest = tiny_bundle.manifest
+    assert DYNAMIC_PIECES == ("image_encoder",)
+    assert {n for n, p in manifest.pieces.items() if p.int8_dynamic is not None} == set(DYNAMIC_PIECES)
+    recorded = {f.file for f in manifest.files()}
+    for name in DYNAMIC_PIECES:
+        dynamic, qdq = manifest.pieces[name].int8_dynamic, manifest.pieces[name].int8
+        path = tiny_bundle.path / dynamic.file
+        assert dynamic.file == f"{name}.int8-dynamic.onnx" and dynamic.file in recorded
+        assert dynamic.sha256 == sha256_file(path) and dynamic.precision == "int8"
+        assert dynamic.quantisation["method"] == DYNAMIC_METHOD and len(dynamic.parity) == 3
+        assert 0 < max(v for p in dynamic.parity for v in p.max_rel.values()) <= INT8_TOLERANCE
+        ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+        assert {"DynamicQuantizeLinear", "MatMulInteger"} <= ops and "QuantizeLinear" not in ops  # no static ranges
+        assert [c.engine for c in dynamic.precision_checks] == ["onnxruntime"]
+        assert manifest.pieces[name].variant("int8", "onnxruntime") is dynamic
+        assert manifest.pieces[name].variant("int8", "openvino") is qdq and manifest.pieces[name].variant("int8") is qdq
+    runtime = Segmenter(tiny_bundle.path, backend="onnxruntime", precision="int8", resize=False, cache_dir=tmp_path)
+    assert Path(runtime.runners["image_encoder"].path).name == "image_encoder.int8-dynamic.onnx"
 
 
 def test_int8_files_quantise_the_chosen_scope_only(tiny_bundle):
@@ -95,8 +121,9 @@ def test_int8_runtime_agrees_with_eager_and_fp32(tiny_bundle, tiny_model, tmp_pa
         assert agreement >= PIPELINE_AGREEMENT["int8"], other
     # The int8 files ran: scores move by more than fp32 rounding.
     assert np.abs(results["int8"].sem_seg - results["fp32"].sem_seg).max() > 1e-4
-    files = {n: p.variant("int8").file for n, p in runtimes["int8"].manifest.pieces.items()}
-    assert files == {n: f"{n}.int8.onnx" if n in INT8_PIECES else f"{n}.onnx" for n in files}
+    files = {n: p.variant("int8", "onnxruntime").file for n, p in runtimes["int8"].manifest.pieces.items()}
+    assert files == {n: f"{n}.int8-dynamic.onnx" if n in DYNAMIC_PIECES else f"{n}.int8.onnx" if n in INT8_PIECES
+                     else f"{n}.onnx" for n in files}
 
 
 def test_quantize_piece_is_deterministic_and_handles_external_data(tiny_bundle, tmp_path):
