@@ -93,21 +93,17 @@ def quantize_piece(piece: str, fp32_path: Path, out_path: Path, feeds: list[dict
             subset_size=len(feeds), ignored_scope=scope,
         )
     del model
-    work = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent))
-    try:
-        target = work / out_path.name
+
+    def save(target: Path) -> None:
         if external_data:
             onnx.save(quantised, str(target), save_as_external_data=True, location=out_path.name + ".data")
         else:
             onnx.save(quantised, str(target))
-        written = [out_path.with_name(out_path.name + ".data")] if external_data else []
-        for path in [*written, out_path]:
-            os.replace(work / path.name, path)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+
+    written = _write_in_place(out_path, external_data, save)
     if report is not None:
         report(f"{piece}: int8 calibrated on {len(feeds)} calls ({quantised_count(out_path)} quantised products)")
-    return [out_path, *written]
+    return written
 
 
 def quantize_dynamic_piece(piece: str, fp32_path: Path, out_path: Path, external_data: bool = False,
@@ -117,17 +113,25 @@ def quantize_dynamic_piece(piece: str, fp32_path: Path, out_path: Path, external
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     out_path = Path(out_path)
+    written = _write_in_place(out_path, external_data, lambda target: quantize_dynamic(
+        Path(fp32_path), target, op_types_to_quantize=["MatMul", "Gemm"], per_channel=True,
+        weight_type=QuantType.QInt8, use_external_data_format=external_data))
+    if report is not None:
+        report(f"{piece}: int8 for ONNX Runtime, dynamic ({_integer_products(out_path)} integer products)")
+    return written
+
+
+def _write_in_place(out_path: Path, external_data: bool, save: Callable[[Path], None]) -> list[Path]:
+    """`save(target)` in a temporary sibling folder, then the files renamed into place, the ONNX
+    file last (its weights in `<out_path>.data` with `external_data`): the files written."""
     work = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent))
     try:
-        quantize_dynamic(Path(fp32_path), work / out_path.name, op_types_to_quantize=["MatMul", "Gemm"],
-                         per_channel=True, weight_type=QuantType.QInt8, use_external_data_format=external_data)
+        save(work / out_path.name)
         written = [out_path.with_name(out_path.name + ".data")] if external_data else []
         for path in [*written, out_path]:
             os.replace(work / path.name, path)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    if report is not None:
-        report(f"{piece}: int8 for ONNX Runtime, dynamic ({_integer_products(out_path)} integer products)")
     return [out_path, *written]
 
 
