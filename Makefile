@@ -1,6 +1,6 @@
 # Two entry points (see README): `make demo` and `make test`. Both create the virtual
-# environment on first use. torch is pinned first so that pip takes the local wheel
-# instead of resolving a multi-GB CUDA build.
+# environment on first use. torch and torchvision are pinned and installed first, so that
+# the extras resolve against the tested versions.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python

@@ -16,8 +16,7 @@ import numpy as np
 
 from .resize import BLOCK, Scratch, Taps, axis_taps, lerp, resize_bilinear, row_bands, run_tasks, thread_count
 
-__all__ = ["upsample_masks", "mask_probabilities", "sigmoid", "ensemble_class_scores", "semantic_map",
-           "labels_from_scores"]
+__all__ = ["upsample_masks", "mask_probabilities", "sigmoid", "ensemble_class_scores", "labels_from_scores"]
 
 F32 = np.float32
 _LOG_EPS = 1e-8  # added to the probabilities before the log of the log branch (official)
@@ -112,12 +111,6 @@ def ensemble_class_scores(class_logits: np.ndarray, clip_logits: np.ndarray, val
     return _softmax(np.log(with_void + _LOG_EPS))[:, :-1].astype(F32)
 
 
-def semantic_map(scores: np.ndarray, probs: np.ndarray) -> np.ndarray:
-    """sum_q scores[q, c] * probs[q]: (Q, K) x (Q, h, w) -> (K, h, w) float32, one matrix product."""
-    probs = np.asarray(probs, dtype=F32)
-    return (np.asarray(scores, dtype=F32).T @ probs.reshape(probs.shape[0], -1)).reshape(-1, *probs.shape[1:])
-
-
 # -- labels ----------------------------------------------------------------------------------------
 
 # The budget is shared by at most this many tasks at once, each planned for its share whatever
@@ -203,8 +196,9 @@ def labels_from_scores(scores: np.ndarray, probs: np.ndarray, out_size: tuple[in
     resized (K, H, W) float32 map if ``keep_scores`` (else None). ``label_scores``, a C-contiguous
     (H, W) float32 array if given, receives each pixel's winning score.
 
-    Twin of ``scan_model.segmenter._postprocess(semantic_map(scores, probs), out_size,
-    keep_scores)`` for (Q, K) scores and (Q, h, w) probabilities; out_size (h, w) means no
+    Twin of ``scan_model.segmenter._postprocess(semantic_map(scores, probs), out_size, keep_scores)``
+    (``semantic_map`` from ``scan_model.ensemble``) for (Q, K) scores and (Q, h, w) probabilities;
+    out_size (h, w) means no
     resize (as in PyTorch, a bilinear resize to the same size is the identity). The map is made
     pixel-major (pixels x Q @ Q x K), by tiles of pixels or bands of output rows and chunks of
     classes, so that working memory stays under about ``budget_bytes`` whatever K and the output

@@ -32,10 +32,6 @@ class DistContext:
         return self.world_size > 1
 
 
-def launched_by_torchrun() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
 def init_distributed(device: str | None = "auto", timeout_s: float = 1800.0) -> DistContext:
     """Join the process group torchrun describes in the environment, or run alone.
 

@@ -194,7 +194,18 @@ def test_output_would_overwrite_input(scene):
     assert Image.open(scene).mode == "RGB"
 
 
-def test_doctor_reports_backends():
+def test_doctor_reports_each_backend_cpu_features_and_the_default():
+    """One line per backend (its state after the name), the CPU's vector features and the default choice."""
+    import re
+
+    from runtime.cpu import cpu_info
+
     result = _run("doctor")
     assert result.exit_code == 0
-    assert "onnxruntime" in result.stdout and "tensorrt" in result.stdout and "cuda" in result.stdout
+    lines = result.stdout.splitlines()
+    for name in ("eager", "onnxruntime", "openvino", "tensorrt", "cuda"):
+        assert any(re.match(rf"\s+{name}\s+\S", line) for line in lines), f"no {name} line"
+    cpu = next(line for line in lines if re.match(r"\s+cpu\s", line))
+    for feature, present in cpu_info().features().items():
+        assert f"{feature} {'yes' if present else 'no'}" in cpu
+    assert any(re.match(r"\s+default\s+--backend \w+ --precision \w+ \(", line) for line in lines)

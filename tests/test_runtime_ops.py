@@ -28,8 +28,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from runtime.postprocess import (ensemble_class_scores, labels_from_scores, mask_probabilities, plan_labels, semantic_map,
-                                 sigmoid, upsample_masks)
+from runtime.postprocess import (ensemble_class_scores, labels_from_scores, mask_probabilities, plan_labels, sigmoid,
+                                 upsample_masks)
 from runtime.preprocess import nearest_square, normalise_and_pad
 from runtime.resize import axis_taps, resize_bilinear, thread_count
 from scan_model import ensemble as eager
@@ -257,18 +257,24 @@ def test_ensemble_class_scores_matches_torch(queries, classes, weight, log_branc
     np.testing.assert_array_equal(ensemble_class_scores(class_logits, clip_logits, valid, weight, log_branch), got)
 
 
-def test_semantic_map_matches_torch():
+def semantic_map(scores: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """Reference (K, h, w) semantic map in one float32 matrix product: exact on dyadic inputs."""
+    return (scores.T @ probs.reshape(probs.shape[0], -1)).reshape(-1, *probs.shape[1:])
+
+
+def test_kept_scores_at_the_model_size_are_the_eager_semantic_map():
+    """Without a resize, the scores `labels_from_scores` keeps are eager's semantic map: within
+    float32 summation error, and bit for bit where every summation order is exact (dyadic)."""
     rng = np.random.default_rng(7)
     for queries, classes, h, w in [(100, 150, 40, 60), (1, 1, 1, 1), (100, 150, 1, 1), (7, 3, 33, 17), (100, 1, 5, 5)]:
         scores, probs = rng.random((queries, classes), dtype=F32), rng.random((queries, h, w), dtype=F32)
         expected = eager.semantic_map(torch.from_numpy(scores), torch.from_numpy(probs)).numpy()
-        got = semantic_map(scores, probs)
+        got = labels_from_scores(scores, probs, (h, w), keep_scores=True)[1]
         assert got.shape == (classes, h, w)
         assert np.all(np.abs(got - expected) <= 2 * queries * U * np.einsum("qc,qhw->chw", scores, probs))
-        # dyadic inputs make every summation order exact: bit-identical
         scores, probs = _dyadic(rng, scores.shape), _dyadic(rng, probs.shape)
         expected = eager.semantic_map(torch.from_numpy(scores), torch.from_numpy(probs)).numpy()
-        np.testing.assert_array_equal(semantic_map(scores, probs), expected)
+        np.testing.assert_array_equal(labels_from_scores(scores, probs, (h, w), keep_scores=True)[1], expected)
 
 
 # -- labels ---------------------------------------------------------------------------------
